@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: a local venv with CPU-only torch and frugalrt (editable),
+# plus the Debian cross compilers and qemu used by the compile and emulated tiers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.frugalrt-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "[setup] installing Python packages (CPU-only torch)"
+  "$VENV/bin/pip" install -q torch==2.13.0
+  "$VENV/bin/pip" install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+DEBS="qemu-user qemu-system-arm gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf gcc-arm-none-eabi libnewlib-arm-none-eabi"
+missing=""
+for tool in qemu-aarch64 qemu-arm qemu-system-arm aarch64-linux-gnu-g++ arm-linux-gnueabihf-gcc arm-none-eabi-gcc; do
+  command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
+[ -f /usr/lib/arm-none-eabi/newlib/libc.a ] || [ -f /usr/lib/arm-none-eabi/lib/libc.a ] || missing="$missing newlib"
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[setup] installing Debian packages for:$missing"
+    dpkg --add-architecture arm64 2>/dev/null || true
+    apt-get update -q >/dev/null || echo "[setup] apt-get update reported errors; trying the install anyway"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $DEBS >/dev/null
+  else
+    echo "[setup] WARNING: missing$missing; as root run: apt-get install --no-install-recommends $DEBS" >&2
+  fi
+fi
+echo "[setup] ready: $VENV/bin/frugalrt"
