@@ -18,12 +18,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-DEBS="qemu-user qemu-system-arm gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf gcc-arm-none-eabi libnewlib-arm-none-eabi"
+DEBS="qemu-user qemu-system-arm gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-armhf-cross gcc-arm-none-eabi libnewlib-arm-none-eabi"
 missing=""
 for tool in qemu-aarch64 qemu-arm qemu-system-arm aarch64-linux-gnu-g++ arm-linux-gnueabihf-gcc arm-none-eabi-gcc; do
   command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
 done
 [ -f /usr/lib/arm-none-eabi/newlib/libc.a ] || [ -f /usr/lib/arm-none-eabi/lib/libc.a ] || missing="$missing newlib"
+[ -f /usr/arm-linux-gnueabihf/include/stdio.h ] || missing="$missing armhf-libc"
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing Debian packages for:$missing"

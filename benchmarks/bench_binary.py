@@ -1,0 +1,93 @@
+"""Binary (XNOR-popcount) GEMM and 3x3 convolution: frugalrt vs float32 torch and ONNX Runtime.
+
+GEMM: the host kernel (``cpu_binary``) on preallocated TVM tensors. Convolution: the BinaryConv
+lowering compiled by ``frugalrt.compile`` for host and timed through the Relax VM.
+Binary MAC/s = M*K*N (or OH*OW*O*C*9) / time.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from benchmarks.common import (case, compile_host_vm, dense_matmul_onnx, host_target, median_us, ort_runner,
+                               ort_session, tvm_median_us, vm_median_us)
+
+GEMMS = ((1, 4096, 4096), (64, 1024, 1024))
+CONV = (64, 56, 56, 64)  # C, H, W, O; 3x3, pad 1
+
+
+def gemm_kernel(x, w_packed, scale, bias):
+    import tvm
+
+    from frugalrt.targets.kernels.cpu_binary import OUTS, binary_gemm_primfunc, repack_weights
+
+    k, n = x.shape[1], w_packed.shape[0]
+    n_pad = -(-n // OUTS) * OUTS
+    lib = tvm.compile(binary_gemm_primfunc(k, n, n_pad), target=host_target())
+    pad = lambda v: np.pad(v, (0, n_pad - n))  # noqa: E731
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, repack_weights(w_packed, n_pad), pad(scale), pad(bias),
+                                                       np.zeros((x.shape[0], n), np.float32))]
+    lib(*args)
+    return lib.mod, args
+
+
+def conv_model(w_packed, scale, c):
+    from onnx import TensorProto, helper, numpy_helper
+
+    import frugalrt.export.schemas  # noqa: F401  (registers ai.frugalrt)
+
+    node = helper.make_node("BinaryConv", ["X", "W_packed", "scale"], ["Y"], domain="ai.frugalrt",
+                            in_channels=c, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", c, 56, 56])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w_packed, "W_packed"), numpy_helper.from_array(scale, "scale")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.frugalrt", 1)])
+
+
+def conv_fp32_onnx(weight):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Conv", ["X", "W"], ["Y"], pads=[1, 1, 1, 1])], "conv",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *weight.shape[1:2], 56, 56])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def run(args) -> list[dict]:
+    import torch
+    import tvm
+
+    from frugalrt.runtime.reference import binary_conv, binary_gemm, pack_bits
+
+    repeat, rng, rows = (5 if args.quick else 30), np.random.default_rng(0), []
+    for m, k, n in GEMMS[1:] if args.quick else GEMMS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        wp, scale, bias = pack_bits(w), np.abs(w).mean(1).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        mod, targs = gemm_kernel(x, wp, scale, bias)
+        exact = bool(np.array_equal(targs[-1].numpy(), binary_gemm(x, wp, scale, bias, in_features=k)))
+        xt, wt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T))
+        times = {"frugalrt": tvm_median_us(mod, "main", targs, repeat)}
+        times["torch fp32 matmul"] = median_us(lambda: xt @ wt, repeat)
+        times["ORT fp32 MatMul"] = median_us(ort_runner(ort_session(dense_matmul_onnx(w.T)), x), repeat)
+        rows.append(case("binary", f"GEMM {m}x{k}x{n}", times,
+                         {"exact": exact, "binary_gmacs": m * k * n / times["frugalrt"] / 1e3}))
+        print(f"binary GEMM {m}x{k}x{n}: done (exact: {exact})", file=sys.stderr)
+    c, h, wd, o = CONV
+    x = rng.standard_normal((1, c, h, wd)).astype(np.float32)
+    w = rng.standard_normal((o, c, 3, 3)).astype(np.float32)
+    wp, scale = pack_bits(w.reshape(o, -1)), np.abs(w).mean((1, 2, 3)).astype(np.float32)
+    vm, _ = compile_host_vm(conv_model(wp, scale, c))
+    xt_tvm = tvm.runtime.tensor(x, tvm.cpu())
+    exact = bool(np.array_equal(vm["main"](xt_tvm).numpy(),
+                                binary_conv(x, wp, scale, in_channels=c, kernel_shape=[3, 3], pads=[1, 1, 1, 1])))
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    times = {"frugalrt": vm_median_us(vm, [xt_tvm], repeat)}
+    times["torch fp32 conv2d"] = median_us(lambda: torch.nn.functional.conv2d(xt, wt, padding=1), repeat)
+    times["ORT fp32 Conv"] = median_us(ort_runner(ort_session(conv_fp32_onnx(w)), x), repeat)
+    rows.append(case("binary", f"conv3x3 {h}x{wd}x{c}->{o}", times,
+                     {"exact": exact, "binary_gmacs": h * wd * o * c * 9 / times["frugalrt"] / 1e3}))
+    print(f"binary conv: done (exact: {exact})", file=sys.stderr)
+    return rows

@@ -1,0 +1,130 @@
+"""Shared benchmark plumbing: one thread everywhere, warm-up, medians, side-by-side ratios, tables.
+
+Every case times all its implementations in the same process, one after the other, so the
+ratios (``baseline time / frugalrt time``, > 1 means frugalrt is faster) are comparable even on
+a shared, noisy machine where absolute times drift.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from typing import Callable
+
+THREAD_VARS = ("TVM_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def single_thread() -> None:
+    """Pin every runtime to one thread (call before importing torch, tvm or onnxruntime)."""
+    for var in THREAD_VARS:
+        os.environ[var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def median_us(fn: Callable[[], object], repeat: int = 30, warmup: int = 3, min_s: float = 2e-3) -> float:
+    """Median wall time of one call in µs: ``repeat`` samples, each looping long enough (>= min_s)."""
+    for _ in range(warmup):
+        fn()
+    start, number = time.perf_counter(), 0
+    while time.perf_counter() - start < min_s or number == 0:
+        fn()
+        number += 1
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t) / number)
+    return statistics.median(samples) * 1e6
+
+
+def tvm_median_us(module, name: str, args: list, repeat: int = 30) -> float:
+    """Median of TVM's ``time_evaluator`` (C++ timing loop, preallocated tensors, no conversions)."""
+    import tvm
+
+    evaluator = module.time_evaluator(name, tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
+    evaluator(*args)  # warm-up
+    return statistics.median(evaluator(*args).results) * 1e6
+
+
+def host_target():
+    import tvm
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+
+
+def ort_session(model):
+    """ONNX Runtime CPU session, one intra-op and one inter-op thread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session, x) -> Callable[[], object]:
+    name = session.get_inputs()[0].name
+    return lambda: session.run(None, {name: x})
+
+
+def dense_matmul_onnx(weight_t):
+    """ONNX model Y = X @ W with W ([in, out] float32) an initializer, batch dynamic."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "dense",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", weight_t.shape[0]])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", weight_t.shape[1]])],
+        [numpy_helper.from_array(np.ascontiguousarray(weight_t, np.float32), "W")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def compile_host_vm(model):
+    """``frugalrt.compile`` an ONNX model for ``host``; returns (VirtualMachine, lib module)."""
+    import tvm
+    from tvm import relax
+
+    import frugalrt.targets.compile as frt_compile
+
+    tmp = tempfile.mkdtemp(prefix="frugalrt-bench-")
+    path = os.path.join(tmp, "model.onnx")
+    import onnx
+
+    onnx.save(model, path)
+    artifact = frt_compile.compile(path, "host", os.path.join(tmp, "artifact"))
+    lib = tvm.runtime.load_module(str(artifact.lib_path))
+    return relax.VirtualMachine(lib, tvm.cpu()), lib
+
+
+def vm_median_us(vm, args: list, repeat: int = 30) -> float:
+    import tvm
+
+    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
+    evaluator(*args)
+    return statistics.median(evaluator(*args).results) * 1e6
+
+
+def case(bench: str, name: str, times: dict[str, float], extra: dict | None = None) -> dict:
+    """A result row: times in µs and ``ratios[impl] = time(impl) / time(frugalrt)``."""
+    ours = times.get("frugalrt")
+    ratios = {k: v / ours for k, v in times.items() if ours and k != "frugalrt" and v == v}
+    return {"bench": bench, "case": name, "times_us": times, "ratios": ratios, **(extra or {})}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| bench | case | implementation | median µs | x frugalrt |", "|---|---|---|---:|---:|"]
+    for row in rows:
+        for impl, t in row["times_us"].items():
+            ratio = "1" if impl == "frugalrt" else (f"{row['ratios'][impl]:.1f}" if impl in row["ratios"] else "-")
+            lines.append(f"| {row['bench']} | {row['case']} | {impl} | {t:.1f} | {ratio} |")
+        for key in ("binary_gmacs",):
+            if key in row:
+                lines.append(f"| {row['bench']} | {row['case']} | frugalrt binary GMAC/s | {row[key]:.0f} | |")
+    return "\n".join(lines)

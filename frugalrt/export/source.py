@@ -1,0 +1,73 @@
+"""Load the SOURCE of ``frugalrt export``: ``file.py:factory`` or a ``torch.export`` ``.pt2`` archive.
+
+A factory is a function without arguments returning ``(model, example_inputs)``; it may train.
+A ``.pt2`` archive must hold a program exported from an already frozen model
+(``frugalrt.nn.freeze(model)`` before ``torch.export``), or its binary layers are traced into
+float ops, and it must carry its example inputs (``torch.export.export`` stores them).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+
+from frugalrt.errors import ExportError
+
+DEFAULT_FACTORY = "build"
+
+
+def load_source(spec: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """``(model, example_inputs)`` from ``path.py[:factory]`` (factory defaults to ``build``) or ``path.pt2``."""
+    path, _, factory = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file (SOURCE is file.py:factory or a torch.export .pt2 archive)")
+    if path.suffix == ".py":
+        return _from_factory(path, factory or DEFAULT_FACTORY)
+    if path.suffix == ".pt2":
+        return _from_archive(path)
+    raise ExportError(f"{path}: unknown SOURCE kind {path.suffix!r}; expected file.py:factory or a .pt2 archive")
+
+
+def _from_factory(path: Path, factory: str):
+    name = f"_frugalrt_source_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))  # the script may import its siblings
+    try:
+        spec.loader.exec_module(module)
+        fn = getattr(module, factory, None)
+        if not callable(fn):
+            raise ExportError(f"{path}: no function {factory!r}; define `def {factory}():` returning "
+                              f"(model, example_inputs)")
+        result = fn()
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"{path}:{factory} failed: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(str(path.parent.resolve()))
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise ExportError(f"{path}:{factory} must return (model, example_inputs), got {type(result).__name__}")
+    model, inputs = result
+    return model, (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+
+
+def _from_archive(path: Path):
+    import frugalrt.nn  # noqa: F401  (registers the frugalrt:: ops the archive may call)
+
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise ExportError(f"{path}: not a readable torch.export archive ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if program.example_inputs is None:
+        raise ExportError(f"{path}: the archive stores no example inputs; save it from "
+                          f"torch.export.export(model, example_inputs) or use file.py:factory")
+    args, kwargs = program.example_inputs
+    if kwargs:
+        raise ExportError(f"{path}: keyword example inputs {sorted(kwargs)} are not supported; use positional inputs")
+    return program.module(), tuple(args)

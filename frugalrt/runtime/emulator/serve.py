@@ -1,0 +1,128 @@
+"""Server entry point, run as a script by the device Python under qemu (or by the host Python).
+
+``python -m tvm.exec.rpc_server`` re-executes ``sys.executable`` in a PopenWorker, which fails under
+qemu-user without binfmt_misc; TVM's in-process starters avoid that. This file must stay importable
+without frugalrt (the device userland has only the TVM runtime): standard library and TVM only.
+
+Modes: ``server`` prints ``FRUGALRT_READY <port>`` once bound and serves until its process group
+is ended; it also registers ``frugalrt.device_info`` and ``frugalrt.vm_op_profile`` so a client can
+profile per op *on the device* (an instrument callback cannot cross RPC). ``tracker`` runs a TVM
+RPC tracker. ``count`` runs a model N times in C++ (time evaluator) for instruction counting.
+"""
+import argparse
+import json
+import platform
+import time
+
+
+def vm_op_profile(vm_module, func_name: str, runs: int) -> str:
+    """Run ``func_name`` (inputs already set) ``runs`` times under ``VirtualMachine.set_instrument``.
+
+    Returns JSON ``{symbol: [calls, seconds, bytes]}``: wall time per packed-call name (kernels and
+    ``vm.builtin.*``) measured around each call, and for ``vm.builtin.alloc_storage`` the bytes it
+    allocated (the workspace of intermediate tensors). Times include the callback's own overhead.
+    """
+    import tvm_ffi
+
+    totals, starts = {}, []
+
+    def instrument(func, symbol, before_run, ret_value, *args):
+        now = time.perf_counter()
+        if before_run:
+            starts.append(now)
+        else:
+            entry = totals.setdefault(str(symbol), [0, 0.0, 0])
+            entry[0] += 1
+            entry[1] += now - starts.pop()
+            if symbol == "vm.builtin.alloc_storage":
+                entry[2] += int(args[1][0])
+        return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+    vm_module["set_instrument"](tvm_ffi.convert(instrument))
+    try:
+        for _ in range(runs):
+            vm_module["invoke_stateful"](func_name)
+    finally:
+        vm_module["set_instrument"](None)
+    return json.dumps(totals)
+
+
+def _register(kind: str) -> None:
+    import tvm_ffi
+
+    info = json.dumps({"kind": kind, "machine": platform.machine(), "emulated": kind.endswith("-emu")})
+    tvm_ffi.register_global_func("frugalrt.device_info", lambda: info, override=True)
+    tvm_ffi.register_global_func("frugalrt.vm_op_profile", vm_op_profile, override=True)
+
+
+def _code_range(lib: str) -> tuple:
+    """[lo, hi) of the executable mappings of ``lib`` in this process (qemu emulates the maps)."""
+    import os
+
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) >= 6 and "x" in parts[1] and os.path.realpath(parts[5]) == os.path.realpath(lib):
+                spans += [int(x, 16) for x in parts[0].split("-")]
+    return (min(spans), max(spans)) if spans else (0, 0)
+
+
+def _count(lib: str, inputs: str, number: int, expect: str) -> None:
+    """Load ``lib``, bind the .npz inputs, warm up once, then run ``number`` times in C++.
+
+    Prints where ``lib``'s code was mapped; with ``expect`` (that range, from an earlier run),
+    exits 3 if it moved, so a count restricted to that range can never silently miss."""
+    import sys
+
+    import numpy as np
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    dev = tvm.cpu()
+    vm = VirtualMachine(tvm.runtime.load_module(lib), dev)
+    lo, hi = _code_range(lib)
+    print(f"FRUGALRT_CODE {lo:#x} {hi:#x}", flush=True)
+    if expect and expect != f"{lo:#x}-{hi:#x}":
+        sys.exit(3)
+    with np.load(inputs) as npz:
+        vm.set_input("main", *[tvm.runtime.tensor(npz[f"input_{i}"], dev) for i in range(len(npz.files))])
+    vm.invoke_stateful("main")
+    if number:
+        vm.time_evaluator("invoke_stateful", dev, number=number, repeat=1)("main")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["server", "tracker", "count"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--port-end", type=int, default=9199)
+    p.add_argument("--tracker", help="host:port of an RPC tracker to register with")
+    p.add_argument("--key", default="")
+    p.add_argument("--kind", default="host", help="device kind reported by frugalrt.device_info")
+    p.add_argument("--lib")
+    p.add_argument("--inputs")
+    p.add_argument("--number", type=int, default=0)
+    p.add_argument("--expect-code", default="", help="lo-hi that the count's code range must be")
+    a = p.parse_args()
+    if a.mode == "count":
+        return _count(a.lib, a.inputs, a.number, a.expect_code)
+    if a.mode == "tracker":
+        from tvm.rpc.tracker import _popen_start_tracker_server
+
+        port, _ = _popen_start_tracker_server(a.host, a.port, a.port_end)
+    else:
+        from tvm.rpc.server import _popen_start_rpc_server
+
+        _register(a.kind)
+        tracker = None
+        if a.tracker:
+            host, _, tport = a.tracker.rpartition(":")
+            tracker = (host, int(tport))
+        port = _popen_start_rpc_server(a.host, a.port, a.port_end, tracker_addr=tracker, key=a.key)
+    print(f"FRUGALRT_READY {port}", flush=True)  # the serving thread keeps the process alive
+
+
+if __name__ == "__main__":
+    main()

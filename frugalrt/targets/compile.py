@@ -1,0 +1,198 @@
+"""``frugalrt.compile(model.onnx, target, out_dir) -> Artifact``: import, build, link, write.
+
+The artifact directory is written atomically (a failure leaves nothing behind): ``model.onnx``
+(a copy), ``golden.npz`` (PyTorch's outputs recorded in the model's metadata, when present),
+``manifest.json`` and the library: ``lib.so`` (shared-lib targets, cross-linked), ``kernels.cu``
+(cuda; checked with nvcc for sm_75 and sm_87 when nvcc is installed) or ``bundle/`` (c-bundle,
+built by ``frugalrt.targets.cbundle.build_bundle(mod, target, bundle_dir, golden=...)`` from the
+model imported for TVM's C target with batch 1).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+import frugalrt
+from frugalrt._atomic import atomic_path
+from frugalrt.errors import TargetError
+from frugalrt.runtime.artifact import GOLDEN, MANIFEST, MODEL, Artifact
+from frugalrt.targets.importer import load_model
+from frugalrt.targets.registry import DeviceTarget, get_target, tvm_target
+
+CUDA_CHECK_ARCHS = ("sm_75", "sm_87")
+LIB_FILES = {"shared-lib": "lib.so", "cuda-source": "kernels.cu", "c-bundle": "bundle"}
+# Extra link flags per target. Android has no glibc: its library is linked without the C library
+# and startup files (the few libc symbols, e.g. memcpy, bind at load time to bionic). The armhf
+# toolchain's startup files and static libgcc are ARMv7 code, so the ARMv6 library embeds neither
+# and takes libc and libgcc_s (e.g. __divdi3) from the Pi's own shared libraries instead.
+LINK_OPTIONS = {"android-arm64": ["-nostdlib"], "rpi-zero": ["-nostdlib", "-Wl,--no-as-needed", "-lc", "-lgcc_s"]}
+
+Progress = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def compile(model_path: str | os.PathLike, target: str, out_dir: str | os.PathLike,
+            progress: Progress | None = None) -> Artifact:
+    """Compile the ONNX model at ``model_path`` for ``target`` into the artifact directory ``out_dir``."""
+    say = progress or (lambda message: None)
+    device = get_target(target)
+    _check_tools(device)
+    model = load_model(model_path)
+    import tvm  # noqa: F401  (load the compiler library once, outside the timed steps)
+
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        steps = {"import": lambda: _import(model, device),
+                 "build": lambda mod: _build(mod, device),
+                 "link": lambda built: _link(built, device, tmp, model),
+                 "write": lambda _: _write(model, device, tmp)}
+        value = None
+        for i, (name, step) in enumerate(steps.items(), 1):
+            start = time.perf_counter()
+            value = step() if name == "import" else step(value)
+            say(f"[{i}/{len(steps)}] {name} ({device.name}): {time.perf_counter() - start:.1f} s")
+    return Artifact(out_dir)
+
+
+def _check_tools(device: DeviceTarget) -> None:
+    needed = [device.cross_cc] if device.cross_cc else []
+    missing = [tool for tool in needed if shutil.which(tool) is None]
+    if missing:
+        raise TargetError(f"target {device.name} needs {', '.join(missing)} to link; install it "
+                          "(Debian packages g++-aarch64-linux-gnu, gcc-arm-linux-gnueabihf)")
+
+
+def _import(model: onnx.ModelProto, device: DeviceTarget):
+    from frugalrt.targets.importer import import_onnx
+
+    # A C bundle is fully static (no allocator on a microcontroller): batch 1.
+    return import_onnx(model, tvm_target(device), batch=1 if device.artifact == "c-bundle" else None)
+
+
+def _build(mod, device: DeviceTarget):
+    if device.artifact == "c-bundle":
+        return mod  # the bundle builder compiles its kernels with TVM's C codegen itself
+    import tvm
+
+    target = tvm_target(device)
+    with target:
+        return tvm.compile(mod, target=target)
+
+
+def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto) -> None:
+    lib = out / LIB_FILES[device.artifact]
+    if device.artifact == "shared-lib":
+        from tvm.support import cc
+
+        fcompile = None
+        if device.cross_cc:
+            fcompile = cc.cross_compiler(device.cross_cc, options=LINK_OPTIONS.get(device.name))
+        built.export_library(str(lib), fcompile=fcompile)
+    elif device.artifact == "cuda-source":
+        lib.write_text(cuda_source(built))
+        check_cuda_source(lib)
+    else:
+        _build_bundle(built, device, lib, model)
+
+
+def _build_bundle(mod, device: DeviceTarget, bundle_dir: Path, model: onnx.ModelProto) -> None:
+    if importlib.util.find_spec("frugalrt.targets.cbundle") is None:
+        raise TargetError(f"target {device.name} needs the C bundle builder (frugalrt.targets.cbundle), "
+                          "which this installation lacks")
+    from frugalrt.targets.cbundle import build_bundle
+
+    build_bundle(mod, device, bundle_dir, golden=_golden(model))
+
+
+def cuda_source(executable) -> str:
+    """The CUDA C source of every kernel in a Relax executable built for a CUDA target."""
+    sources = [m.inspect_source() for m in _modules(executable.mod) if m.kind == "cuda"]
+    if not sources:
+        raise TargetError("the CUDA build produced no CUDA module")
+    return "\n".join(sources)
+
+
+def _modules(module):
+    yield module
+    for imported in module.imports:
+        yield from _modules(imported)
+
+
+def check_cuda_source(path: Path, archs: tuple[str, ...] = CUDA_CHECK_ARCHS) -> list[str]:
+    """Compile ``path`` with nvcc for each arch (to a throwaway cubin); the archs checked, [] without nvcc."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            run = subprocess.run([nvcc, "--cubin", f"-arch={arch}", "-o", os.path.join(tmp, f"{arch}.cubin"),
+                                  str(path)], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise TargetError(f"nvcc -arch={arch} rejected the generated {path.name}:\n{run.stderr[-2000:]}")
+    return list(archs)
+
+
+def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path) -> None:
+    data = model.SerializeToString()
+    (out / MODEL).write_bytes(data)
+    golden = _golden(model)
+    if golden is not None:
+        inputs, outputs = golden
+        np.savez(out / GOLDEN, **{f"input_{i}": a for i, a in enumerate(inputs)},
+                 **{f"output_{i}": a for i, a in enumerate(outputs)})
+    manifest = {
+        "target": device.name,
+        "artifact": device.artifact,
+        "tvm_target": device.tvm,
+        "model_sha256": hashlib.sha256(data).hexdigest(),
+        "frugalrt_version": frugalrt.__version__,
+        "tvm_version": _tvm_version(),
+        "inputs": [_value_info(v) for v in _graph_inputs(model)],
+        "outputs": [_value_info(v) for v in model.graph.output],
+        "param_bytes": sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer),
+        "files": {"lib": LIB_FILES[device.artifact], "model": MODEL,
+                  **({"golden": GOLDEN} if golden is not None else {})},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _golden(model: onnx.ModelProto):
+    try:
+        from frugalrt.export.metadata import read_golden
+    except ImportError:
+        return None
+    return read_golden(model)
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list:
+    initializers = {t.name for t in model.graph.initializer}
+    return [v for v in model.graph.input if v.name not in initializers]
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    if shape and isinstance(shape[0], str):
+        shape[0] = "batch"  # the dynamic leading dimension, whatever the exporter named it
+    return {"name": value.name, "shape": shape,
+            "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))}

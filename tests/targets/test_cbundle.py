@@ -1,0 +1,236 @@
+"""C bundles for Cortex-M: arena planning (fast), bundle generation (compile), qemu boards (emulated)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from frugalrt.errors import DeviceError, TargetError
+from frugalrt.targets.cbundle.arena import Slot, lifetimes_of, plan_arena
+from frugalrt.targets.cbundle.boards import BOARDS, KB, get_platform
+from frugalrt.targets.cbundle.memory import check_fits
+from frugalrt.targets.cbundle.program import Step
+
+# --- fast: the arena planner against brute-force checks ------------------------------------------
+
+
+def _overlaps(a: Slot, b: Slot) -> bool:
+    live = a.first <= b.last and b.first <= a.last
+    return live and a.offset < b.offset + b.nbytes and b.offset < a.offset + a.nbytes
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_arena_never_overlaps_live_tensors(seed):
+    rng = np.random.default_rng(seed)
+    sizes, spans = {}, {}
+    for i in range(12):
+        first = int(rng.integers(0, 10))
+        sizes[f"t{i}"] = int(rng.integers(1, 5000))
+        spans[f"t{i}"] = (first, first + int(rng.integers(0, 4)))
+    slots, arena = plan_arena(sizes, spans)
+    assert {s.name for s in slots} == set(sizes)
+    assert all(s.offset % 16 == 0 and s.offset + s.nbytes <= arena for s in slots)
+    assert not any(_overlaps(a, b) for a in slots for b in slots if a is not b)
+    assert arena <= sum((n + 15) // 16 * 16 for n in sizes.values())
+
+
+def test_arena_reuses_memory_along_a_chain():
+    # a -> b -> c -> d: each tensor only lives across two steps, so two slots suffice.
+    steps = [Step("k0", ["in", "a"], ["a"]), Step("k1", ["a", "b"], ["b"]), Step("k2", ["b", "c"], ["c"]),
+             Step("k3", ["c", "out"], ["out"])]
+    spans = lifetimes_of(steps, lambda n: n in "abc")
+    assert spans == {"a": (0, 1), "b": (1, 2), "c": (2, 3)}
+    slots, arena = plan_arena({"a": 1024, "b": 1024, "c": 1024}, spans)
+    assert arena == 2048
+
+
+def test_fit_check_names_the_figures():
+    plan = {"weights_bytes": 1100 * KB, "arena_bytes": 4 * KB, "workspace_bytes": 0, "io_bytes": 64,
+            "num_kernels": 2}
+    with pytest.raises(TargetError, match=r"netduinoplus2 \(1024 KB flash, 128 KB RAM\).*~11\d\d KB flash"):
+        check_fits(plan, get_platform("netduinoplus2"))
+    check_fits(plan, get_platform("mps2-an386"))  # 4 MB: fits
+
+
+# --- compile tier: bundles of the digits example ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(digits_onnx, tmp_path_factory):
+    """The digits example compiled for cortex-m4 (the bundle is the artifact's library)."""
+    import frugalrt
+
+    return frugalrt.compile(digits_onnx, "cortex-m4", tmp_path_factory.mktemp("m4") / "m4")
+
+
+def _binary_float32_bytes(model: onnx.ModelProto) -> int:
+    """float32 bytes of the BinaryGemm/BinaryConv weights, from the packed initializers' shapes."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("BinaryGemm", "BinaryConv"):
+            k = next(helper.get_attribute_value(a) for a in node.attribute if a.name in ("in_features",))
+            total += 4 * shapes[node.input[1]][0] * k
+    return total
+
+
+@pytest.mark.compile
+def test_bundle_is_a_static_c_project(digits_bundle):
+    bundle = digits_bundle.lib_path
+    plan = json.loads((bundle / "plan.json").read_text())
+    header = (bundle / "model.h").read_text()
+    assert "#define MODEL_INPUT_SIZE 64" in header and "#define MODEL_OUTPUT_SIZE 10" in header
+    assert "int model_run(const float *in, float *out);" in header
+    driver = (bundle / "model.c").read_text()
+    assert "malloc" not in driver and "malloc" not in (bundle / "frugalrt_runtime.c").read_text()
+    assert plan["num_steps"] == driver.count("frugalrt_call(")
+    assert plan["arena_bytes"] <= plan["unplanned_bytes"]
+    for f in ("Makefile", "README.md", "boards/netduinoplus2.ld", "boards/startup_cortexm.c",
+              "include/tvm/ffi/c_api.h", "include/dlpack/dlpack.h"):
+        assert (bundle / f).is_file(), f
+
+
+@pytest.mark.compile
+def test_binary_weights_stay_bit_packed(digits_bundle):
+    plan = json.loads((digits_bundle.lib_path / "plan.json").read_text())
+    float_bytes = _binary_float32_bytes(onnx.load(digits_bundle.onnx_path))
+    assert float_bytes > 0
+    assert plan["binary_weights_bytes"] * 25 <= float_bytes
+
+
+def _too_big_model():
+    """One float Gemm 512 -> 640: 1.25 MB of weights, more than the STM32F405's 1 MB flash."""
+    w = numpy_helper.from_array(np.zeros((512, 640), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 640])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.compile
+def test_netduinoplus2_refuses_a_model_too_big_before_building(tmp_path):
+    from frugalrt.targets.cbundle import build_bundle
+    from frugalrt.targets.registry import get_target
+
+    with pytest.raises(TargetError, match=r"does not fit netduinoplus2 .*weights 1280\.0 KB"):
+        build_bundle(_too_big_model(), get_target("cortex-m4"), tmp_path / "b", board="netduinoplus2")
+    assert not (tmp_path / "b").exists()
+
+
+# --- emulated tier: the boards under qemu-system-arm ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def binary_conv_artifact(tmp_path_factory):
+    """A small CNN with a binary convolution (stride 2, padding 1), compiled for cortex-m4."""
+    import torch
+    from torch import nn
+
+    import frugalrt
+    from frugalrt.nn import BinaryConv2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Hardtanh(), BinaryConv2d(8, 16, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 4 * 4, 10)).eval()
+    out = tmp_path_factory.mktemp("conv")
+    frugalrt.export(model, (torch.randn(3, 1, 8, 8),), out / "conv.onnx")
+    return frugalrt.compile(out / "conv.onnx", "cortex-m4", out / "m4")
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("board", BOARDS)
+@pytest.mark.parametrize("model", ["digits_bundle", "binary_conv_artifact"])
+def test_bundle_matches_pytorch_on_board(model, board, request):
+    import frugalrt
+
+    artifact = request.getfixturevalue(model)
+    report = frugalrt.validate(artifact.path, device=f"qemu:{board}")
+    assert report.passed, report
+    golden_in, golden_out = artifact.golden()
+    (y,) = frugalrt.load(artifact.path, device=f"qemu:{board}")(*golden_in)
+    np.testing.assert_allclose(y, golden_out[0], rtol=1e-4, atol=1e-4)  # PyTorch recorded at export
+
+
+@pytest.mark.emulated
+def test_cli_validate_emulate(digits_bundle, capsys):
+    from frugalrt.cli import main
+
+    assert main(["validate", str(digits_bundle.path), "--emulate", "--board", "netduinoplus2"]) == 0
+
+
+@pytest.mark.emulated
+def test_binary_weights_in_flash_of_the_firmware(digits_bundle):
+    from frugalrt.targets.cbundle.run import build_firmware
+
+    platform = get_platform("netduinoplus2")
+    elf = build_firmware(digits_bundle.lib_path, platform)
+    plan = json.loads((digits_bundle.lib_path / "plan.json").read_text())
+    binary = {f"frugalrt_{b['name']}" for b in plan["buffers"] if b["kind"] == "const" and b["dtype"][0] in "ui"}
+    nm = subprocess.run([platform.nm_tool, "-S", str(elf)], capture_output=True, text=True, check=True).stdout
+    sizes = {p[3]: (int(p[0], 16), int(p[1], 16)) for p in map(str.split, nm.splitlines()) if len(p) == 4}
+    flash_lo, flash_bytes = platform.flash
+    assert binary and all(flash_lo <= sizes[s][0] < flash_lo + flash_bytes for s in binary)
+    assert sum(sizes[s][1] for s in binary) * 25 <= _binary_float32_bytes(onnx.load(digits_bundle.onnx_path))
+
+
+def _broken_firmware(bundle, tmp_path, statement: str):
+    from frugalrt.targets.cbundle.run import build_firmware
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    main = broken / "test" / "frugalrt_main.c"
+    main.write_text(main.read_text().replace("int main(void) {", "int main(void) {\n  " + statement, 1))
+    platform = get_platform("netduinoplus2")
+    return build_firmware(broken, platform), platform
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("statement, message", [("__builtin_trap();", "faulted"),
+                                                ("for (;;) {}", "did not finish")])
+def test_faulting_or_hanging_firmware_ends_with_device_error(digits_bundle, tmp_path, statement, message):
+    from frugalrt.targets.cbundle.run import run_firmware
+
+    elf, platform = _broken_firmware(digits_bundle.lib_path, tmp_path, statement)
+    start = time.monotonic()
+    with pytest.raises(DeviceError, match=message):
+        run_firmware(elf, platform, [np.zeros((1, 64), np.float32)], [[1, 10]], timeout=5)
+    assert time.monotonic() - start < 60  # bounded: no hang past the timeout
+
+
+@pytest.mark.emulated
+def test_instruction_counts_frugal_and_dense(digits_bundle, digits_dense_artifact):
+    from frugalrt.targets.cbundle.run import count_instructions
+
+    frugal = count_instructions(digits_bundle.path, "netduinoplus2")
+    dense = count_instructions(digits_dense_artifact.path, "netduinoplus2")
+    assert frugal == count_instructions(digits_bundle.path, "netduinoplus2")  # deterministic
+    assert frugal["instructions"] > 0 and dense["instructions"] > 0
+    print(f"\nnetduinoplus2, one inference ({frugal['unit']}): frugal {frugal['instructions']}, "
+          f"dense {dense['instructions']}; flash {frugal['memory']['flash_bytes']} vs "
+          f"{dense['memory']['flash_bytes']} B")
+
+
+@pytest.fixture(scope="module")
+def digits_dense_artifact(tmp_path_factory):
+    """The dense equivalent of the digits example (``make_model(dense=True)``), for cortex-m4."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    import frugalrt
+
+    path = Path(__file__).parents[2] / "examples" / "digits_frugal.py"
+    spec = importlib.util.spec_from_file_location("digits_frugal", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("dense")
+    frugalrt.export(example.make_model(dense=True).eval(), (torch.randn(2, 64),), out / "dense.onnx")
+    return frugalrt.compile(out / "dense.onnx", "cortex-m4", out / "m4")

@@ -1,0 +1,118 @@
+"""``frugalrt compile`` of the digits example for every target, and its clear errors (compile tier).
+
+Off the host the artifacts are checked without running them: the ELF header of each library
+(class and machine), the CUDA source through nvcc for sm_75 and sm_87, the C bundle's files.
+"""
+import json
+import shutil
+import struct
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import frugalrt
+from frugalrt.cli import main
+from frugalrt.errors import TargetError, UnsupportedOpError
+from frugalrt.runtime.reference import pack_bits
+from frugalrt.targets.registry import TARGETS
+
+pytestmark = pytest.mark.compile
+
+# target -> (ELF class: 1 = 32-bit, 2 = 64-bit; e_machine: 62 x86-64, 183 AArch64, 40 ARM)
+ELF = {"host": (2, 62), "x86-64-v1": (2, 62), "rpi4": (2, 183), "rpi3": (2, 183), "android-arm64": (2, 183),
+       "armv7": (1, 40), "rpi-zero": (1, 40)}
+
+
+@pytest.fixture(scope="module")
+def build(digits_onnx, tmp_path_factory):
+    """``build(target)``: the digits example compiled for ``target``, once per module."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = frugalrt.compile(digits_onnx, name, tmp_path_factory.mktemp("build") / name)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_artifact_manifest_and_files(build, target, digits_onnx):
+    artifact = build(target)
+    manifest = json.loads((artifact.path / "manifest.json").read_text())
+    assert (manifest["target"], manifest["artifact"]) == (target, TARGETS[target].artifact)
+    assert manifest["inputs"] == [{"name": "input", "shape": ["batch", 64], "dtype": "float32"}]
+    assert manifest["outputs"][0]["shape"] == ["batch", 10]
+    assert (artifact.path / "model.onnx").read_bytes() == onnx.load(digits_onnx).SerializeToString()
+    assert artifact.lib_path.exists()
+    inputs, outputs = artifact.golden()
+    assert inputs[0].shape == (7, 64) and outputs[0].shape == (7, 10)
+
+
+@pytest.mark.parametrize("target", sorted(ELF))
+def test_library_is_an_elf_for_the_target_cpu(build, target):
+    header = build(target).lib_path.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF"
+    assert (header[4], struct.unpack("<H", header[18:20])[0]) == ELF[target]
+
+
+def test_cuda_source_compiles_with_nvcc(build):
+    from frugalrt.targets.compile import check_cuda_source
+
+    source = build("cuda").lib_path
+    assert "__global__" in source.read_text()
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed (the CUDA toolkit cannot be installed here)")
+    assert check_cuda_source(source) == ["sm_75", "sm_87"]
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "cortex-m7"])
+def test_c_bundle_calls_the_shim_popcount(build, target):
+    bundle = build(target).lib_path
+    assert "frugalrt_popcount" in (bundle / "kernels.c").read_text()
+    assert "frugalrt_popcount32" in (bundle / "frugalrt_runtime.h").read_text()
+
+
+def test_cli_compile_prints_each_step(digits_onnx, tmp_path, capsys):
+    assert main(["compile", str(digits_onnx), "--target", "host", "--out", str(tmp_path / "host")]) == 0
+    err = capsys.readouterr().err
+    for step in ("import", "build", "link", "write"):
+        assert f"{step} (host)" in err
+
+
+def _model(node: onnx.NodeProto, opsets: list, inits: list = ()) -> onnx.ModelProto:
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+
+
+def _gemm_inits():
+    w = pack_bits(np.random.default_rng(0).standard_normal((4, 16)))
+    return [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones(4, np.float32), "s")]
+
+
+@pytest.mark.parametrize("node,opsets,message", [
+    (helper.make_node("FusedMatMul", ["X", "X"], ["Y"], domain="com.microsoft"),
+     [("", 18), ("com.microsoft", 1)], "com.microsoft::FusedMatMul.*version 1"),
+    (helper.make_node("Ternary", ["X"], ["Y"], domain="ai.frugalrt"),
+     [("", 18), ("ai.frugalrt", 1)], "ai.frugalrt::Ternary"),
+    (helper.make_node("BinaryGemm", ["X", "W", "s"], ["Y"], domain="ai.frugalrt", in_features=16),
+     [("", 18), ("ai.frugalrt", 2)], "ai.frugalrt::BinaryGemm.*version 2"),
+    (helper.make_node("BinaryGemm", ["X", "X", "X"], ["Y"], domain="ai.frugalrt", in_features=16),
+     [("", 18), ("ai.frugalrt", 1)], "W_packed, scale and B must be constant"),
+])
+def test_unsupported_ops_are_named(node, opsets, message, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(node, opsets, _gemm_inits()), path)
+    with pytest.raises(UnsupportedOpError, match=message):
+        frugalrt.compile(path, "host", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # atomic: nothing left behind
+
+
+def test_bad_target_is_a_clear_error(digits_onnx, tmp_path, capsys):
+    with pytest.raises(TargetError, match="unknown target 'rpi9'"):
+        frugalrt.compile(digits_onnx, "rpi9", tmp_path / "out")
+    assert main(["compile", str(digits_onnx), "--target", "rpi9", "--out", str(tmp_path / "o")]) == 2
+    assert "known targets: host" in capsys.readouterr().err

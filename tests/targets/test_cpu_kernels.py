@@ -1,0 +1,166 @@
+"""PERF's fast CPU kernels (kernels/cpu_*.py) vs the numpy reference (oracle), compiled for the host.
+
+Butterfly within 1e-5 relative (the 8x8 blocks change the order of additions), BinaryGemm and
+BinaryConv bit-exact. Shapes cover every pass layout (block only, radix-8 + 1/2-stage tails),
+padding, truncation, the row tiles and their remainder, N not a multiple of 16 and K not of 16,
+odd channel counts, strides 1 and 2 and asymmetric pads. The AVX-512 VPOPCNTDQ kernel cannot run
+on an AVX2 machine: its TIR runs here with 4 lanes, and its 8-lane build is checked for
+``vpopcntq`` in the assembly for an Ice Lake Xeon (compile-only).
+"""
+import numpy as np
+import pytest
+
+from frugalrt.runtime import reference as ref
+
+pytestmark = pytest.mark.compile
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def host():
+    import tvm
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+
+
+def run(func, target, *arrays):
+    import tvm
+
+    lib = tvm.compile(func, target=target)
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in arrays]
+    lib(*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("n,width,out,batch", [
+    (8, 5, 8, 3), (16, 16, 10, 2), (32, 20, 32, 9), (64, 64, 64, 1), (512, 300, 512, 10), (2048, 2048, 1000, 3),
+])
+def test_butterfly_cpu_matches_reference(host, n, width, out, batch):
+    from frugalrt.targets.kernels.butterfly import stage_coefficients
+    from frugalrt.targets.kernels.cpu_butterfly import butterfly_primfunc, repack
+
+    tw = (RNG.standard_normal((n.bit_length() - 1, n // 2, 2, 2)) / np.sqrt(2)).astype(np.float32)
+    bias = RNG.standard_normal(out).astype(np.float32)
+    x = RNG.standard_normal((batch, width)).astype(np.float32)
+    blocks, stream = repack(*stage_coefficients(tw))
+    y = run(butterfly_primfunc(n, width, out), host, x, blocks, stream, bias, np.zeros((batch, out), np.float32))
+    expected = ref.butterfly(x, tw, bias, out_features=out)
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (4, 1000, 64), (9, 4096, 48), (13, 64, 2000)])
+def test_binary_gemm_cpu_is_exact(host, m, k, n):
+    from frugalrt.targets.kernels.cpu_binary import OUTS, binary_gemm_primfunc, has_avx2, repack_weights
+
+    if not has_avx2(host):
+        pytest.skip("host CPU has no AVX2: the generic kernel serves it (tests/targets/test_kernels.py)")
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    x[0, : min(k, 5)] = 0.0  # sign(0) = +1
+    w = ref.pack_bits(RNG.standard_normal((n, k)))
+    scale, bias = RNG.random(n).astype(np.float32) + 0.1, RNG.standard_normal(n).astype(np.float32)
+    n_pad = -(-n // OUTS) * OUTS
+    scale_p, bias_p = np.zeros(n_pad, np.float32), np.zeros(n_pad, np.float32)
+    scale_p[:n], bias_p[:n] = scale, bias
+    y = run(binary_gemm_primfunc(k, n, n_pad), host, x, repack_weights(w, n_pad), scale_p, bias_p,
+            np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, bias, in_features=k))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (9, 4096, 48), (13, 64, 200)])
+def test_binary_gemm_vpopcnt_tir_is_exact(host, m, k, n):
+    from frugalrt.targets.kernels.cpu_binary_vpopcnt import VECS, repack_words, vpopcnt_gemm_primfunc
+
+    lanes = 4  # 256-bit vectors: LLVM expands the popcount on AVX2
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    x[0, : min(k, 5)] = 0.0
+    w = ref.pack_bits(RNG.standard_normal((n, k)))
+    scale, bias = RNG.random(n).astype(np.float32) + 0.1, RNG.standard_normal(n).astype(np.float32)
+    n_pad = -(-n // (lanes * VECS)) * lanes * VECS
+    y = run(vpopcnt_gemm_primfunc(k, n, n_pad, lanes), host, x, repack_words(w, n_pad, lanes),
+            np.pad(scale, (0, n_pad - n)), np.pad(bias, (0, n_pad - n)), np.zeros((m, n), np.float32))
+    np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, bias, in_features=k))
+
+
+def test_vpopcnt_kernel_compiles_for_avx512_xeons():
+    """Compile-only (no AVX-512 machine here): the lowerings pick the 512-bit kernels, which count with ``vpopcntq``."""
+    import tvm
+    from tvm import relax
+
+    from frugalrt.targets.kernels import get_lowering
+
+    xeon = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"})
+    w, wc = ref.pack_bits(RNG.standard_normal((40, 300))), ref.pack_bits(RNG.standard_normal((8, 3 * 9)))
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tvm.tirx.Var("batch", "int64"), 300), "float32"))
+    img = relax.Var("img", relax.TensorType((1, 3, 6, 6), "float32"))
+    with bb.function("main", [x, img]):
+        y = get_lowering("ai.frugalrt", "BinaryGemm", 1).emit(
+            bb, [x], {"W_packed": w, "scale": np.ones(40, np.float32)}, {"in_features": 300}, xeon)
+        z = get_lowering("ai.frugalrt", "BinaryConv", 1).emit(
+            bb, [img], {"W_packed": wc, "scale": np.ones(8, np.float32)},
+            {"in_channels": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, xeon)
+        bb.emit_func_output(relax.Tuple([y, z]))
+    mod = bb.get()
+    assert {"frugalrt_binary_gemm_vpopcnt", "frugalrt_binary_conv_cpu"} <= {gv.name_hint for gv in mod.functions}
+    asm = tvm.compile(mod, target=xeon).mod.imports[0].inspect_source("asm")
+    functions = asm.split(".Lfunc_end")  # one chunk per function
+    for name in ("frugalrt_binary_gemm_vpopcnt", "frugalrt_binary_conv_cpu"):
+        assert any(f"{name}" in f and "vpopcntq\t%zmm" in f for f in functions), name
+
+
+@pytest.mark.parametrize("b,c,hw,o,kernel,strides,pads,bias", [
+    (2, 3, (6, 5), 4, (3, 2), (2, 1), (1, 0, 1, 1), False),
+    (1, 37, (9, 11), 10, (3, 3), (1, 1), (1, 1, 1, 1), True),
+    (2, 37, (9, 11), 13, (3, 3), (2, 2), (1, 1, 1, 1), True),
+    (1, 130, (7, 7), 9, (3, 3), (1, 1), (2, 1, 0, 1), False),
+    (1, 5, (4, 4), 6, (2, 2), (2, 2), (0, 0, 0, 0), True),
+])
+def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias):
+    from frugalrt.targets.kernels.cpu_binary_conv import binary_conv_primfunc, repack
+
+    x = RNG.standard_normal((b, c, *hw)).astype(np.float32)
+    x[0, 0, 0, :3] = 0.0
+    wp = ref.pack_bits(RNG.standard_normal((o, c * kernel[0] * kernel[1])))
+    scale = RNG.random(o).astype(np.float32) + 0.1
+    b_vec = RNG.standard_normal(o).astype(np.float32) if bias else None
+    words, row_ids, col_ids, corr = repack(wp, c, *kernel, *hw, strides, pads)
+    o_pad = words.shape[-1]
+    attrs = {"in_channels": c, "kernel_shape": kernel, "strides": strides, "pads": pads}
+    expected = ref.binary_conv(x, wp, scale, b_vec, **attrs)
+    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, *corr.shape[:2]), host, x, words, row_ids,
+            col_ids, corr, np.pad(scale, (0, o_pad - o)), np.zeros(o_pad, np.float32) if b_vec is None
+            else np.pad(b_vec, (0, o_pad - o)), np.zeros(expected.shape, np.float32))
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_lowerings_pick_the_cpu_kernels_on_host(host):
+    """The x86 entries of the lowering tables emit the fast kernels; a generic x86-64 (no AVX2) does not."""
+    import tvm
+    from tvm import relax
+
+    from frugalrt.targets.kernels import get_lowering
+
+    tw = RNG.standard_normal((6, 32, 2, 2)).astype(np.float32)
+    w = ref.pack_bits(RNG.standard_normal((32, 64)))
+    scale = np.ones(32, np.float32)
+
+    def build(target):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((tvm.tirx.Var("batch", "int64"), 64), "float32"))
+        with bb.function("main", [x]):
+            y = get_lowering("ai.frugalrt", "Butterfly", 1).emit(bb, [x], {"twiddles": tw}, {"out_features": 64}, target)
+            z = get_lowering("ai.frugalrt", "BinaryGemm", 1).emit(bb, [y], {"W_packed": w, "scale": scale},
+                                                                   {"in_features": 64}, target)
+            bb.emit_func_output(z)
+        return bb.get()
+
+    mod = build(host)
+    assert {"frugalrt_butterfly_cpu", "frugalrt_binary_gemm_cpu"} <= {gv.name_hint for gv in mod.functions}
+    vm = relax.VirtualMachine(tvm.compile(mod, target=host), tvm.cpu())
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    y = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    hidden = ref.butterfly(x, tw, out_features=64)
+    np.testing.assert_array_equal(y, ref.binary_gemm(hidden, w, scale, in_features=64))
+    plain = build(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}))
+    assert "frugalrt_binary_gemm_cpu" not in {gv.name_hint for gv in plain.functions}
