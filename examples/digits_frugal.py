@@ -56,7 +56,12 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = EPOC
 def _build(dense: bool):
     torch.manual_seed(SEED)
     x_tr, y_tr, x_te, y_te = load_data()
-    model = train(make_model(dense), x_tr, y_tr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: extra threads only add contention on a busy machine
+    try:
+        model = train(make_model(dense), x_tr, y_tr)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         accuracy = (model(x_te).argmax(1) == y_te).float().mean().item()
     print(f"digits ({'dense' if dense else 'frugal'}): test accuracy {accuracy:.2%} on {len(y_te)} images",

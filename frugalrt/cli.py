@@ -71,6 +71,7 @@ def _export(args: argparse.Namespace) -> int:
     from frugalrt.export.source import load_source
     from frugalrt.export.summary import summarize
     from frugalrt.runtime import ort
+    from frugalrt.runtime.validate import ATOL, compare
 
     start = time.perf_counter()
 
@@ -95,10 +96,12 @@ def _export(args: argparse.Namespace) -> int:
         with torch.no_grad():
             want = [t.numpy() for t in torch.utils._pytree.tree_leaves(model(*batch))]
         got = ort.run(session, [t.numpy() for t in batch])
-        for i, a in enumerate(ort.compare(got, want)):
-            passed &= a.passed()
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            a = compare(str(i), g, w, "float", rtol=1e-5, atol=ATOL)
+            passed &= a.passed
+            argmax = "-" if a.argmax_agreement is None else f"{a.argmax_agreement:.1%}"
             print(f"  {name:<22} {len(batch[0]):>5}  {i:>6}  {a.max_abs:10.3g}  {a.max_rel:10.3g}   "
-                  f"{a.argmax_agreement:6.1%}  {'ok' if a.passed() else 'MISMATCH (rtol 1e-5)'}")
+                  f"{argmax:>6}  {'ok' if a.passed else 'MISMATCH (rtol 1e-5)'}")
     step(f"wrote {args.out}" + ("" if passed else " (ONNX Runtime disagrees with PyTorch)"))
     return 0 if passed else 1
 
@@ -219,12 +222,15 @@ def _profile(args: argparse.Namespace) -> int:
     from frugalrt.runtime import profile
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.emulate and (args.plot or args.devices > 1):
+        raise FrugalError("--emulate reports instruction counts: --plot and --devices do not apply")
+    if args.devices > 1 and (args.plot or args.baseline):
+        raise FrugalError("--devices profiles the artifact on several devices: drop --plot and --baseline "
+                          "(profile the baseline with one device)")
     if args.emulate:
-        from frugalrt.targets.cbundle.run import count_instructions
-
-        result = count_instructions(args.artifact, args.board)
+        result = profile.profile_emulated(args.artifact, args.board, args.baseline, say)
+        print(profile.emulated_table(result))
         text = json.dumps(result, indent=1)
-        print(text)
     elif args.devices > 1:
         reports = profile.profile_many(args.artifact, args.device, args.devices, args.runs, args.warmup, say)
         print("\n\n".join(r.table() for r in reports))

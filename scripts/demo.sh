@@ -19,8 +19,8 @@ $FRT validate "$OUT/host"
 
 step "Raspberry Pi 4 (emulated aarch64 device over TVM RPC)"
 $FRT compile "$OUT/digits.onnx" --target rpi4 --out "$OUT/rpi4"
-addr=$($FRT device start rpi4-emu | tail -n 1)
-trap '$FRT device stop rpi4-emu >/dev/null 2>&1 || true' EXIT
+trap '$FRT device stop demo-rpi4 >/dev/null 2>&1 || true' EXIT
+addr=$($FRT device start rpi4-emu --name demo-rpi4 | tail -n 1)
 $FRT validate "$OUT/rpi4" --device "$addr"
 $FRT profile "$OUT/rpi4" --device "$addr" --baseline "$OUT/dense.onnx" --runs 20 --json "$OUT/rpi4-profile.json"
 

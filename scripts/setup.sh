@@ -13,8 +13,10 @@ fi
 stamp="$VENV/.frugalrt-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing Python packages (CPU-only torch)"
-  "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -e '.[dev]'
+  # (filter the local-index noise this machine's pip config prints; real errors still show)
+  quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+  quiet "$VENV/bin/pip" install -q torch==2.13.0
+  quiet "$VENV/bin/pip" install -q -e '.[dev]'
   touch "$stamp"
 fi
 

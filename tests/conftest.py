@@ -49,3 +49,15 @@ def digits_host_artifact(digits_onnx, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("artifacts") / "host"
     frugalrt.compile(digits_onnx, "host", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_dense_onnx(digits_module, digits_example, tmp_path_factory) -> Path:
+    """The example's dense twin (``nn.Linear`` everywhere, untrained), exported to ONNX: the
+    baseline that profiles compare the frugal model against."""
+    import frugalrt
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("digits-dense") / "dense.onnx"
+    frugalrt.export(digits_module.make_model(dense=True).eval(), digits_example[1], path)
+    return path

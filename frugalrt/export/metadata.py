@@ -56,23 +56,31 @@ def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def write_golden(model: onnx.ModelProto, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
-    """Store ``inputs``/``outputs`` as the base64 ``.npz`` under ``frugalrt.golden``."""
+def save_golden_npz(file, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+    """The one golden-vector format (in model metadata and artifacts): ``input_i``/``output_i`` arrays."""
     arrays = {f"input_{i}": np.asarray(a) for i, a in enumerate(inputs)}
     arrays.update({f"output_{i}": np.asarray(a) for i, a in enumerate(outputs)})
+    np.savez(file, **arrays)
+
+
+def load_golden_npz(file) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Inverse of :func:`save_golden_npz`."""
+    with np.load(file, allow_pickle=False) as npz:
+        def series(prefix):
+            return [npz[f"{prefix}_{i}"] for i in range(sum(k.startswith(prefix + "_") for k in npz.files))]
+
+        return series("input"), series("output")
+
+
+def write_golden(model: onnx.ModelProto, inputs: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> None:
+    """Store ``inputs``/``outputs`` as the base64 ``.npz`` under ``frugalrt.golden``."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    save_golden_npz(buf, inputs, outputs)
     set_metadata(model, {GOLDEN_KEY: base64.b64encode(buf.getvalue()).decode("ascii")})
 
 
 def read_golden(model_or_path: ModelOrPath) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
     """(inputs, outputs) recorded at export, or None if the model carries no golden vectors."""
     blob = get_metadata(model_or_path).get(GOLDEN_KEY)
-    if blob is None:
-        return None
-    with np.load(io.BytesIO(base64.b64decode(blob)), allow_pickle=False) as npz:
-        def series(prefix):
-            return [npz[f"{prefix}_{i}"] for i in range(sum(k.startswith(prefix + "_") for k in npz.files))]
-
-        return series("input"), series("output")
+    return None if blob is None else load_golden_npz(io.BytesIO(base64.b64decode(blob)))
 

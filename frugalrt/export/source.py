@@ -7,10 +7,13 @@ float ops, and it must carry its example inputs (``torch.export.export`` stores 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import uuid
 from pathlib import Path
+from types import ModuleType
+from typing import Iterator, Optional
 
 import torch
 
@@ -19,37 +22,66 @@ from frugalrt.errors import ExportError
 DEFAULT_FACTORY = "build"
 
 
-def load_source(spec: str) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    """``(model, example_inputs)`` from ``path.py[:factory]`` (factory defaults to ``build``) or ``path.pt2``."""
-    path, _, factory = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file (SOURCE is file.py:factory or a torch.export .pt2 archive)")
+def load_source(spec: str, loaded: Optional[tuple[ModuleType, str]] = None
+                ) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """``(model, example_inputs)`` from ``path.py[:factory]`` (factory defaults to ``build``) or ``path.pt2``.
+
+    ``loaded``: ``load_module(spec)``'s result when the caller needs the module too, so the file runs once.
+    """
+    path, _ = _locate(spec)
     if path.suffix == ".py":
-        return _from_factory(path, factory or DEFAULT_FACTORY)
+        return _from_factory(path, *(loaded or load_module(spec)))
     if path.suffix == ".pt2":
         return _from_archive(path)
     raise ExportError(f"{path}: unknown SOURCE kind {path.suffix!r}; expected file.py:factory or a .pt2 archive")
 
 
-def _from_factory(path: Path, factory: str):
-    name = f"_frugalrt_source_{uuid.uuid4().hex}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent.resolve()))  # the script may import its siblings
+def load_module(spec: str) -> tuple[ModuleType, str]:
+    """The module of a ``file.py[:factory]`` SOURCE, executed once, and the factory's name.
+
+    Other functions of the file (``frugalrt compress`` reads ``finetune_data``) come from this module.
+    """
+    path, factory = _locate(spec)
+    factory = factory or DEFAULT_FACTORY
+    if path.suffix != ".py":
+        raise ExportError(f"{path}: not a Python file; expected file.py:factory")
+    module_spec = importlib.util.spec_from_file_location(f"_frugalrt_source_{uuid.uuid4().hex}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    with _importable(path, factory):
+        module_spec.loader.exec_module(module)
+    return module, factory
+
+
+def _locate(spec: str) -> tuple[Path, str]:
+    path, _, factory = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file (SOURCE is file.py:factory or a torch.export .pt2 archive)")
+    return path, factory
+
+
+@contextlib.contextmanager
+def _importable(path: Path, factory: str) -> Iterator[None]:
+    """Run SOURCE code with its folder on ``sys.path`` (it may import its siblings); its errors become
+    one ExportError."""
+    sys.path.insert(0, str(path.parent.resolve()))
     try:
-        spec.loader.exec_module(module)
-        fn = getattr(module, factory, None)
-        if not callable(fn):
-            raise ExportError(f"{path}: no function {factory!r}; define `def {factory}():` returning "
-                              f"(model, example_inputs)")
-        result = fn()
+        yield
     except ExportError:
         raise
     except Exception as e:
         raise ExportError(f"{path}:{factory} failed: {type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(str(path.parent.resolve()))
+
+
+def _from_factory(path: Path, module: ModuleType, factory: str):
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise ExportError(f"{path}: no function {factory!r}; define `def {factory}():` returning "
+                          f"(model, example_inputs)")
+    with _importable(path, factory):
+        result = fn()
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
         raise ExportError(f"{path}:{factory} must return (model, example_inputs), got {type(result).__name__}")
     model, inputs = result

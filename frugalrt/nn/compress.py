@@ -9,9 +9,9 @@ model with cross-entropy (Adam) on labelled data.
 from __future__ import annotations
 
 import copy
-import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -88,10 +88,9 @@ def _linear(model: nn.Module, name: str) -> nn.Linear:
     except AttributeError:
         layer = None
     if not isinstance(layer, nn.Linear):
-        found = f"a {type(layer).__name__}" if layer is not None else "missing"
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise CompressError(f"layer {name!r} of {type(model).__name__} is {found}, not an nn.Linear; "
-                            f"nn.Linear layers: {', '.join(linears) or 'none'}")
+        raise CompressError(f"layer {name!r} of {type(model).__name__} is missing or not an nn.Linear "
+                            f"(its nn.Linear layers: {', '.join(linears) or 'none'})")
     return layer
 
 
@@ -127,14 +126,9 @@ def compress(model: nn.Module, layers: Sequence[str], *, finetune_data: Optional
     return model, report
 
 
-def _hooks(spec: str) -> dict:
-    """The ``finetune_data`` / ``eval_data`` hooks of a ``file.py:factory`` SOURCE (not run as __main__)."""
-    path = spec.partition(":")[0]
-    return runpy.run_path(path) if Path(path).suffix == ".py" else {}
-
-
-def _labelled(hooks: dict, name: str, spec: str) -> Optional[Data]:
-    fn = hooks.get(name)
+def _labelled(module: Optional[ModuleType], name: str, spec: str) -> Optional[Data]:
+    """The ``finetune_data`` / ``eval_data`` hook of the SOURCE file's module, called."""
+    fn = getattr(module, name, None)
     if fn is None:
         return None
     data = fn()
@@ -171,13 +165,14 @@ def compress_source(spec: str, layers: Sequence[str], out: str, epochs: int = 0,
     Labelled data comes from optional functions of the SOURCE file: ``finetune_data()`` -> (x, y)
     for fine-tuning (and accuracy), ``eval_data()`` -> (x, y) for the reported accuracies.
     """
-    from frugalrt.export.source import load_source
+    from frugalrt.export.source import load_module, load_source
 
     _output_format(out)  # fail before any training
     progress(f"loading {spec}")
-    model, inputs = load_source(spec)
-    hooks = _hooks(spec)
-    train, test = _labelled(hooks, "finetune_data", spec), _labelled(hooks, "eval_data", spec)
+    loaded = load_module(spec) if Path(spec.partition(":")[0]).suffix == ".py" else None  # the file runs once
+    model, inputs = load_source(spec, loaded)
+    module = loaded[0] if loaded else None
+    train, test = _labelled(module, "finetune_data", spec), _labelled(module, "eval_data", spec)
     if epochs and train is None:
         raise CompressError(f"{spec}: --finetune {epochs} needs labelled data; define finetune_data() "
                             f"returning (x, y) tensors in {spec.partition(':')[0]}")

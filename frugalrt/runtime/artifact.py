@@ -62,12 +62,10 @@ class Artifact:
         path = self.path / GOLDEN
         if not path.is_file():
             return None
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                def series(prefix: str) -> list[np.ndarray]:
-                    return [npz[f"{prefix}_{i}"] for i in range(sum(k.startswith(prefix + "_") for k in npz.files))]
+        from frugalrt.export.metadata import load_golden_npz
 
-                return series("input"), series("output")
+        try:
+            return load_golden_npz(path)
         except (OSError, ValueError, KeyError) as e:
             raise ArtifactError(f"{path}: corrupt golden vectors ({e}); recompile the artifact") from e
 

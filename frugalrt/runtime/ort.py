@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
@@ -87,28 +86,3 @@ def run(model_or_path: ModelOrPath | ort.InferenceSession, inputs: Sequence[np.n
     names = [i.name for i in session.get_inputs()]
     return session.run(None, {n: np.asarray(x, dtype=np.float32) for n, x in zip(names, inputs)})
 
-
-@dataclass
-class Agreement:
-    """How one output of a runtime agrees with PyTorch's: max abs error, max abs error relative
-    to max |reference|, and the share of rows whose argmax (class prediction) is the same."""
-
-    max_abs: float
-    max_rel: float
-    argmax_agreement: float
-
-    def passed(self, rtol: float = 1e-5) -> bool:
-        return self.max_rel <= rtol and self.argmax_agreement == 1.0
-
-
-def compare(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> list[Agreement]:
-    result = []
-    for got, want in zip(outputs, reference, strict=True):
-        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        if got.shape != want.shape:
-            raise ValueError(f"output shape {got.shape} differs from the reference shape {want.shape}")
-        max_abs = float(np.abs(got - want).max(initial=0.0))
-        scale = float(np.abs(want).max(initial=0.0))
-        rows = (got.reshape(len(got), -1).argmax(1) == want.reshape(len(want), -1).argmax(1)) if got.size else []
-        result.append(Agreement(max_abs, max_abs / scale if scale else max_abs, float(np.mean(rows)) if len(rows) else 1.0))
-    return result

@@ -254,3 +254,41 @@ def profile_many(artifact_dir: str | os.PathLike, tracker: str, devices: int, ru
 def _server_of(session) -> str:
     host, port = session.channel.peer
     return f"rpc://{host}:{port}"
+
+
+def profile_emulated(artifact_dir: str | os.PathLike, board: str | None = None,
+                     baseline: str | os.PathLike | None = None,
+                     progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Instruction counts of one inference of a C-bundle (or qemu-arm) artifact under qemu, and of
+    ``baseline`` compiled for the same target: deterministic, unlike emulated wall time."""
+    from frugalrt.targets.cbundle.run import count_instructions
+
+    artifact = Artifact(artifact_dir)
+    progress(f"counting instructions of {artifact.path} under qemu")
+    result = {"model": count_instructions(artifact, board)}
+    if baseline is not None:
+        from frugalrt.targets.compile import compile as compile_model
+
+        with tempfile.TemporaryDirectory(prefix="frugalrt-baseline-") as tmp:
+            progress(f"compiling baseline {baseline} for {artifact.target}")
+            compile_model(baseline, artifact.target, os.path.join(tmp, "baseline"), progress=progress)
+            result["baseline"] = count_instructions(os.path.join(tmp, "baseline"), board)
+            result["baseline"]["artifact"] = str(baseline)
+        result["instructions_ratio"] = result["baseline"]["instructions"] / result["model"]["instructions"]
+    return result
+
+
+def emulated_table(result: dict) -> str:
+    """Printable form of :func:`profile_emulated`'s result."""
+    rows = [("", "instructions / inference", "flash bytes", "RAM bytes", "weights bytes")]
+    for name in ("model", "baseline"):
+        if name in result:
+            r = result[name]
+            rows.append((r.get("artifact", name), f"{r['instructions']:,}", f"{r['memory']['flash_bytes']:,}",
+                         f"{r['memory']['ram_bytes']:,}", f"{r['weights_bytes']:,}"))
+    m = result["model"]
+    lines = [f"{m['target']} on emulated {m['board']} (qemu; {m['unit']}; batch 1)"]
+    lines += ["  ".join(f"{c:>{w}}" for c, w in zip(row, (28, 26, 12, 10, 14))) for row in rows]
+    if "instructions_ratio" in result:
+        lines.append(f"baseline / model instructions: {result['instructions_ratio']:.2f}x")
+    return "\n".join(lines)

@@ -16,14 +16,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from frugalrt._atomic import atomic_path
+from frugalrt._cache import cache_dir
 from frugalrt.errors import DeviceError
 
 PLUGIN_SOURCE = Path(__file__).with_name("qemu_insn_count.c")
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "frugalrt"
 
 
 def build_plugin(cc: str = "gcc") -> Path:

@@ -60,12 +60,15 @@ class DeviceAddress:
 
 def _exchange(host: str, port: int, payload: bytes, timeout: float, what: str) -> socket.socket:
     """Connect, send ``payload``, return the socket (timeouts and refusals become DeviceError)."""
+    sock = None
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.settimeout(timeout)
         sock.sendall(payload)
         return sock
     except OSError as e:
+        if sock is not None:
+            sock.close()
         raise DeviceError(f"cannot reach {what} at {host}:{port} ({e.strerror or e}); {_START_HINT}") from None
 
 
@@ -203,10 +206,15 @@ class RemoteSession:
         probe(host, port, timeout=min(addr.timeout, 10.0))
         self.channel = _Channel(host, port)
         self._closed = False
-        self.remote = self._bounded(lambda: self._connect(host, port, match_key), "connecting")
-        self.channel.find()
-        lib = artifact.lib_path
-        self.dev, self.vm = self._bounded(lambda: self._load(lib), f"loading {lib} ({artifact.target})")
+        self.remote = None
+        try:
+            self.remote = self._bounded(lambda: self._connect(host, port, match_key), "connecting")
+            self.channel.find()
+            lib = artifact.lib_path
+            self.dev, self.vm = self._bounded(lambda: self._load(lib), f"loading {lib} ({artifact.target})")
+        except BaseException:
+            self.close()  # the server serves one session at a time: never leave it held
+            raise
 
     @staticmethod
     def _request(addr: DeviceAddress) -> tuple[str, int, str]:

@@ -5,34 +5,36 @@ The artifact directory is written atomically (a failure leaves nothing behind): 
 ``manifest.json`` and the library: ``lib.so`` (shared-lib targets, cross-linked), ``kernels.cu``
 (cuda; checked with nvcc for sm_75 and sm_87 when nvcc is installed) or ``bundle/`` (c-bundle,
 built by ``frugalrt.targets.cbundle.build_bundle(mod, target, bundle_dir, golden=...)`` from the
-model imported for TVM's C target with batch 1).
+model imported for TVM's C target with batch 1). The 32-bit ARM targets (armv7, rpi-zero), for
+which no TVM runtime wheel exists, get both ``lib.so`` and ``bundle/``; their qemu-arm runner
+validates the bundle.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 
 import frugalrt
 from frugalrt._atomic import atomic_path
 from frugalrt.errors import TargetError
+from frugalrt.export.metadata import read_golden, save_golden_npz
 from frugalrt.runtime.artifact import GOLDEN, MANIFEST, MODEL, Artifact
 from frugalrt.targets.importer import load_model
 from frugalrt.targets.registry import DeviceTarget, get_target, tvm_target
 
 CUDA_CHECK_ARCHS = ("sm_75", "sm_87")
-LIB_FILES = {"shared-lib": "lib.so", "cuda-source": "kernels.cu", "c-bundle": "bundle"}
+BUNDLE = "bundle"
+LIB_FILES = {"shared-lib": "lib.so", "cuda-source": "kernels.cu", "c-bundle": BUNDLE}
 # Extra link flags per target. Android has no glibc: its library is linked without the C library
 # and startup files (the few libc symbols, e.g. memcpy, bind at load time to bionic). The armhf
 # toolchain's startup files and static libgcc are ARMv7 code, so the ARMv6 library embeds neither
@@ -40,10 +42,6 @@ LIB_FILES = {"shared-lib": "lib.so", "cuda-source": "kernels.cu", "c-bundle": "b
 LINK_OPTIONS = {"android-arm64": ["-nostdlib"], "rpi-zero": ["-nostdlib", "-Wl,--no-as-needed", "-lc", "-lgcc_s"]}
 
 Progress = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def compile(model_path: str | os.PathLike, target: str, out_dir: str | os.PathLike,
@@ -55,17 +53,35 @@ def compile(model_path: str | os.PathLike, target: str, out_dir: str | os.PathLi
     model = load_model(model_path)
     import tvm  # noqa: F401  (load the compiler library once, outside the timed steps)
 
+    steps = 5 if device.runner == "qemu-arm" else 4
+    timed = _step_timer(say, device.name, steps)
     with atomic_path(out_dir, is_dir=True) as tmp:
-        steps = {"import": lambda: _import(model, device),
-                 "build": lambda mod: _build(mod, device),
-                 "link": lambda built: _link(built, device, tmp, model),
-                 "write": lambda _: _write(model, device, tmp)}
-        value = None
-        for i, (name, step) in enumerate(steps.items(), 1):
-            start = time.perf_counter()
-            value = step() if name == "import" else step(value)
-            say(f"[{i}/{len(steps)}] {name} ({device.name}): {time.perf_counter() - start:.1f} s")
+        with timed("import"):
+            mod = _import(model, device)
+        with timed("build"):
+            built = _build(mod, device)
+        with timed("link"):
+            _link(built, device, tmp, model)
+        if device.runner == "qemu-arm":  # no TVM runtime for 32-bit ARM: ship a self-contained C bundle too
+            with timed("bundle"):
+                _build_bundle(model, device, tmp / BUNDLE, model)
+        with timed("write"):
+            _write(model, device, tmp)
     return Artifact(out_dir)
+
+
+def _step_timer(say: Progress, target: str, total: int):
+    """``with timed(name):`` prints ``[i/total] name (target): seconds`` after each step."""
+    count = [0]
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        start = time.perf_counter()
+        yield
+        count[0] += 1
+        say(f"[{count[0]}/{total}] {name} ({target}): {time.perf_counter() - start:.1f} s")
+
+    return timed
 
 
 def _check_tools(device: DeviceTarget) -> None:
@@ -110,12 +126,9 @@ def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto) -> Non
 
 
 def _build_bundle(mod, device: DeviceTarget, bundle_dir: Path, model: onnx.ModelProto) -> None:
-    if importlib.util.find_spec("frugalrt.targets.cbundle") is None:
-        raise TargetError(f"target {device.name} needs the C bundle builder (frugalrt.targets.cbundle), "
-                          "which this installation lacks")
     from frugalrt.targets.cbundle import build_bundle
 
-    build_bundle(mod, device, bundle_dir, golden=_golden(model))
+    build_bundle(mod, device, bundle_dir, golden=read_golden(model))
 
 
 def cuda_source(executable) -> str:
@@ -149,11 +162,9 @@ def check_cuda_source(path: Path, archs: tuple[str, ...] = CUDA_CHECK_ARCHS) -> 
 def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path) -> None:
     data = model.SerializeToString()
     (out / MODEL).write_bytes(data)
-    golden = _golden(model)
+    golden = read_golden(model)
     if golden is not None:
-        inputs, outputs = golden
-        np.savez(out / GOLDEN, **{f"input_{i}": a for i, a in enumerate(inputs)},
-                 **{f"output_{i}": a for i, a in enumerate(outputs)})
+        save_golden_npz(out / GOLDEN, *golden)
     manifest = {
         "target": device.name,
         "artifact": device.artifact,
@@ -165,17 +176,10 @@ def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path) -> None:
         "outputs": [_value_info(v) for v in model.graph.output],
         "param_bytes": sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer),
         "files": {"lib": LIB_FILES[device.artifact], "model": MODEL,
-                  **({"golden": GOLDEN} if golden is not None else {})},
+                  **({"golden": GOLDEN} if golden is not None else {}),
+                  **({"bundle": BUNDLE} if device.runner == "qemu-arm" else {})},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _golden(model: onnx.ModelProto):
-    try:
-        from frugalrt.export.metadata import read_golden
-    except ImportError:
-        return None
-    return read_golden(model)
 
 
 def _tvm_version() -> str:

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 from frugalrt.errors import TargetError
 
 Artifact = Literal["shared-lib", "c-bundle", "cuda-source"]
-Runner = Literal["local", "rpc", "qemu-arm", "qemu-system"]
+Runner = Literal["local", "rpc", "qemu-arm", "qemu-system", "none"]  # none: compile only here
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ TARGETS: dict[str, DeviceTarget] = {t.name: t for t in [
                  cross_cc=_ARMHF_CC, runner="qemu-arm", needs=(_ARMHF_CC, "qemu-arm")),
     DeviceTarget("rpi-zero", "Raspberry Pi Zero / 1 (ARMv6 ARM1176JZF-S, VFP, hard float)",
                  _llvm("armv6kz-linux-gnueabihf", "arm1176jzf-s", **_ARMHF),
-                 cross_cc=_ARMHF_CC, runner="qemu-arm", needs=(_ARMHF_CC, "qemu-arm")),
+                 cross_cc=_ARMHF_CC, runner="qemu-arm", needs=(_ARMHF_CC, "arm-none-eabi-gcc", "qemu-arm")),
     DeviceTarget("cortex-m4", "Cortex-M4F microcontroller (C bundle, no OS)",
                  {"kind": "c"}, artifact="c-bundle", runner="qemu-system",
                  needs=("arm-none-eabi-gcc", "qemu-system-arm")),
@@ -72,7 +72,7 @@ TARGETS: dict[str, DeviceTarget] = {t.name: t for t in [
                  needs=("arm-none-eabi-gcc", "qemu-system-arm")),
     DeviceTarget("cuda", "NVIDIA GPU, sm_75+ (CUDA source, compile only; nvcc checks it)",
                  {"kind": "cuda", "arch": "sm_75"}, artifact="cuda-source", host={"kind": "llvm"},
-                 runner="rpc", needs=("nvcc",)),
+                 runner="none", needs=("nvcc",)),
 ]}
 
 

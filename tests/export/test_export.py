@@ -162,6 +162,14 @@ def test_metadata_and_golden_vectors(exported, mode):
         np.testing.assert_array_equal(outputs[0], freeze(copy.deepcopy(model)).eval()(x).numpy())
 
 
+def test_model_carried_metadata_is_exported_and_overridable(tmp_path):
+    model = nn.Sequential(BinaryLinear(16, 4)).eval()
+    model.frugalrt_metadata = {"frugalrt.certificate.a": "1", "frugalrt.certificate.b": "2"}
+    frugalrt.export(model, (torch.randn(3, 16),), tmp_path / "m.onnx", metadata={"frugalrt.certificate.b": "3"})
+    meta = get_metadata(tmp_path / "m.onnx")
+    assert (meta["frugalrt.certificate.a"], meta["frugalrt.certificate.b"]) == ("1", "3")
+
+
 def test_golden_round_trip_and_absence():
     model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     assert read_golden(model) is None

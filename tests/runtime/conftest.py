@@ -1,11 +1,10 @@
-"""Emulated-tier fixtures: one emulated Raspberry Pi 4 per test session (cached userland), the
-digits example compiled for rpi4, and its dense twin as the profile baseline."""
+"""Emulated-tier fixtures: one emulated Raspberry Pi 4 per test session (cached userland) and the
+digits example compiled for rpi4 (its dense twin, ``digits_dense_onnx``, is in tests/conftest.py)."""
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 NEEDS = ("qemu-aarch64", "aarch64-linux-gnu-g++", "apt-get", "dpkg")
 
@@ -51,14 +50,3 @@ def digits_rpi4_artifact(digits_onnx, emulation_tools, tmp_path_factory) -> Path
     out = tmp_path_factory.mktemp("artifacts") / "rpi4"
     frugalrt.compile(digits_onnx, "rpi4", out)
     return out
-
-
-@pytest.fixture(scope="session")
-def digits_dense_onnx(digits_module, digits_example, tmp_path_factory) -> Path:
-    """The example's dense twin (``nn.Linear`` everywhere, untrained), exported to ONNX."""
-    import frugalrt
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("digits-dense") / "dense.onnx"
-    frugalrt.export(digits_module.make_model(dense=True).eval(), digits_example[1], path)
-    return path

@@ -1,6 +1,5 @@
 """Emulated devices: userland set-up (locking, atomic publish), server processes (exact stop, pid
 reuse guard), and the ``frugalrt device`` CLI on a real emulated rpi4."""
-import os
 import subprocess
 import sys
 import threading
@@ -62,11 +61,13 @@ def test_failed_userland_setup_leaves_nothing(tmp_path, monkeypatch):
 
 def test_stop_ends_the_whole_process_group(state):
     rec = processes.spawn("fake", "test", [sys.executable, "-c", FORKING_SERVER], "127.0.0.1", {})
-    assert rec.address == "127.0.0.1:1234"
-    members = processes.group_members(rec.pid)
-    assert len(members) == 2 and rec.pid in members
-    assert [r.name for r in processes.records()] == ["fake"]
-    processes.stop(rec)
+    try:
+        assert rec.address == "127.0.0.1:1234"
+        members = processes.group_members(rec.pid)
+        assert len(members) == 2 and rec.pid in members
+        assert [r.name for r in processes.records()] == ["fake"]
+    finally:
+        processes.stop(rec)
     assert processes.group_members(rec.pid) == []
     assert processes.records() == [] and not rec.path.exists()
 

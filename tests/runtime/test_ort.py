@@ -2,23 +2,20 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
-from frugalrt.runtime.ort import compare, make_session, run, session_model
+from frugalrt.export.schemas import SCHEMAS
+from frugalrt.export.single_op import single_op_model
+from frugalrt.runtime.ort import make_session, run, session_model
 from frugalrt.runtime.reference import get_reference, pack_bits
+from frugalrt.runtime.validate import ATOL, compare
 
 rng = np.random.default_rng(0)
 
 
-def _model(op, x_shape, y_shape, consts, **attrs):
-    """One ai.frugalrt node whose non-X inputs are initializers (None = omitted optional input)."""
-    names = [f"c{i}" for i, c in enumerate(consts) if c is not None]
-    node = helper.make_node(op, ["x", *names], ["y"], domain="ai.frugalrt", **attrs)
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-        [numpy_helper.from_array(c, n) for n, c in zip(names, [c for c in consts if c is not None])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.frugalrt", 1)])
+def _named(op, consts):
+    """Constants given in schema order (None = omitted optional input), keyed by schema input name."""
+    return {p.name: c for p, c in zip(SCHEMAS[op][0].inputs[1:], consts) if c is not None}
 
 
 def _f32(*shape):
@@ -44,7 +41,7 @@ ROWS = [
 def test_custom_op_runs_the_reference_kernel(name, op, x, consts, attrs, kernel_attrs):
     consts = list(consts) + [None] * (3 - len(consts) if op != "Butterfly" else 2 - len(consts))
     want = get_reference(op)(x, *consts, **(kernel_attrs or attrs))
-    model = _model(op, ["batch", *x.shape[1:]], ["batch"] + [None] * (want.ndim - 1), consts, **attrs)
+    model = single_op_model(op, list(x.shape[1:]), _named(op, consts), attrs)
     onnx.checker.check_model(model, full_check=True)
     (got,) = run(model, [x])
     np.testing.assert_array_equal(got, want)
@@ -53,8 +50,8 @@ def test_custom_op_runs_the_reference_kernel(name, op, x, consts, attrs, kernel_
 
 
 def test_session_copy_rewrites_only_the_copy():
-    model = _model("BinaryConv", ["b", 3, 6, 7], ["b", 4, 4, 6], [pack_bits(CW.reshape(4, -1)), _f32(4), None],
-                   in_channels=3, kernel_shape=[3, 2])
+    model = single_op_model("BinaryConv", [3, 6, 7], {"W_packed": pack_bits(CW.reshape(4, -1)), "scale": _f32(4)},
+                            dict(in_channels=3, kernel_shape=[3, 2]))
     before = model.SerializeToString()
     node = session_model(model).graph.node[0]
     assert model.SerializeToString() == before
@@ -63,11 +60,13 @@ def test_session_copy_rewrites_only_the_copy():
     assert attrs == {"in_channels": 3, "kernel_shape": b"[3, 2]", "strides": b"[1, 1]", "pads": b"[0, 0, 0, 0]"}
 
 
-def test_compare_reports_errors_and_argmax():
+def test_export_check_reports_elementwise_errors_and_argmax():
+    """The comparison `frugalrt export` prints (validate.compare, float mode, rtol 1e-5)."""
     want = np.array([[1.0, 2.0], [3.0, -4.0]], np.float32)
     got = want + np.array([[0.0, 0.5], [0.0, 0.0]], np.float32)
-    (a,) = compare([got], [want])
-    assert a.max_abs == 0.5 and a.max_rel == 0.5 / 4 and a.argmax_agreement == 1.0 and not a.passed()
-    (b,) = compare([np.array([[1.0, 2.0], [-4.0, 3.0]], np.float32)], [want])
-    assert b.argmax_agreement == 0.5
-    assert compare([want], [want])[0].passed()
+    a = compare("y", got, want, "float", rtol=1e-5, atol=ATOL)
+    assert a.max_abs == 0.5 and a.max_rel == 0.5 / 2 and a.argmax_agreement == 1.0 and not a.passed
+    b = compare("y", np.array([[1.0, 2.0], [-4.0, 3.0]], np.float32), want, "float", rtol=1e-5, atol=ATOL)
+    assert b.argmax_agreement == 0.5 and not b.passed
+    assert compare("y", want, want, "float", rtol=1e-5, atol=ATOL).passed
+    assert not compare("y", want * (1 + 3e-5), want, "float", rtol=1e-5, atol=ATOL).passed

@@ -1,11 +1,10 @@
 """Remote runs over TVM RPC on emulated rpi4 devices: numerics vs PyTorch, trackers, and every way
 a device can fail (wrong address, silent server, device gone or frozen mid-run) ending in a
-DeviceError within a bound, with nothing left running."""
+DeviceError (never a hang), with nothing left running."""
 import os
 import signal
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from frugalrt.runtime.emulator import processes, start_device, start_tracker, st
 from frugalrt.runtime.remote import DeviceAddress
 
 pytestmark = pytest.mark.emulated
-BOUND = 30.0  # seconds: a failure must surface well within this (hang detection, not speed)
+HANG_GUARD_S = 300.0  # generous: the code's own timeouts end a failure long before; this only catches a hang
 
 
 @pytest.mark.parametrize("device, parsed", [
@@ -61,10 +60,24 @@ def test_validate_cli_on_rpi4(digits_rpi4_artifact, rpi4_device, capsys):
 
 
 def _expect_device_error(fn, match):
-    start = time.monotonic()
+    """``fn()`` raises a DeviceError matching ``match``; a call that never returns fails the test
+    (a hang detector, not a speed check) instead of hanging the suite."""
+    raised = []
+
+    def call():
+        try:
+            fn()
+        except BaseException as e:  # re-raised below, in the test's thread
+            raised.append(e)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(HANG_GUARD_S)
+    if worker.is_alive():
+        pytest.fail(f"still blocked after {HANG_GUARD_S:.0f} s: expected a DeviceError matching {match!r}")
     with pytest.raises(DeviceError, match=match):
-        fn()
-    assert time.monotonic() - start < BOUND
+        if raised:
+            raise raised[0]
 
 
 def test_wrong_address(digits_rpi4_artifact):

@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import frugalrt
 from frugalrt.cli import main
 from frugalrt.export.metadata import set_metadata, write_golden
+from frugalrt.export.single_op import single_op_model
 from frugalrt.runtime.reference import butterfly
 
 pytestmark = pytest.mark.compile
@@ -91,11 +92,7 @@ def _butterfly_artifact(tmp_path, certificate: dict | None = None):
     """A float-only artifact (one Butterfly node), golden outputs from the numpy reference."""
     rng = np.random.default_rng(0)
     tw = rng.standard_normal((5, 16, 2, 2)).astype(np.float32)
-    node = helper.make_node("Butterfly", ["X", "tw"], ["Y"], domain="ai.frugalrt", out_features=32)
-    graph = helper.make_graph([node], "bf", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 32])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 32])],
-                              [numpy_helper.from_array(tw, "tw")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.frugalrt", 1)])
+    model = single_op_model("Butterfly", [32], {"twiddles": tw}, {"out_features": 32})
     x = rng.standard_normal((3, 32)).astype(np.float32)
     write_golden(model, [x], [butterfly(x, tw, out_features=32)])
     if certificate:
@@ -110,7 +107,7 @@ def test_float_artifact_is_checked_elementwise_and_shows_its_certificate(tmp_pat
     assert report.passed and report.mode == "float" and report.outputs[0].max_rel < 1e-4
     assert report.certificate == {"frugalrt.certificate.risk_bound": {"bound": 0.1, "delta": 0.05}}
     assert main(["validate", str(artifact.path)]) == 0
-    assert "certificate frugalrt.certificate.risk_bound" in capsys.readouterr().out
+    assert "certificate risk_bound: 0-1 risk <= 0.1000" in capsys.readouterr().out
     # A 1e-3 relative error in one golden value must fail the elementwise check.
     with np.load(artifact.path / "golden.npz") as npz:
         arrays = dict(npz)
@@ -118,3 +115,16 @@ def test_float_artifact_is_checked_elementwise_and_shows_its_certificate(tmp_pat
     np.savez(artifact.path / "golden.npz", **arrays)
     corrupted = frugalrt.validate(artifact.path)
     assert not corrupted.passed and 5e-4 < corrupted.outputs[0].max_rel < 2e-3
+
+
+@pytest.mark.parametrize("mode", ["float", "binary"])
+def test_values_scaled_far_off_fail_even_when_every_argmax_agrees(mode):
+    from frugalrt.runtime.validate import compare
+
+    want = np.random.default_rng(0).normal(size=(7, 10)).astype(np.float32)
+    assert compare("y", want + 1e-7, want, mode, rtol=1e-4, atol=1e-5).passed
+    wrong = compare("y", want * 3, want, mode, rtol=1e-4, atol=1e-5)  # same argmax, wrong values
+    assert wrong.argmax_agreement == 1.0 and not wrong.passed
+    one_flip = want.copy()
+    one_flip[0] += 0.01 * (np.arange(10) == want[0].argmin())  # a small move that keeps the argmax
+    assert compare("y", one_flip, want, mode, rtol=1e-4, atol=1e-5).passed == (mode == "binary")

@@ -10,11 +10,12 @@ import struct
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 import frugalrt
 from frugalrt.cli import main
 from frugalrt.errors import TargetError, UnsupportedOpError
+from frugalrt.export.single_op import single_op_model
 from frugalrt.runtime.reference import pack_bits
 from frugalrt.targets.registry import TARGETS
 
@@ -82,30 +83,31 @@ def test_cli_compile_prints_each_step(digits_onnx, tmp_path, capsys):
         assert f"{step} (host)" in err
 
 
-def _model(node: onnx.NodeProto, opsets: list, inits: list = ()) -> onnx.ModelProto:
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 16])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
-
-
-def _gemm_inits():
+def _edited_gemm(op_type: str = "BinaryGemm", domain: str = "ai.frugalrt", inputs: list = (),
+                 version: int = 1) -> onnx.ModelProto:
+    """A valid 16 -> 4 BinaryGemm model, then edited into an unsupported node (op, domain, inputs, version)."""
     w = pack_bits(np.random.default_rng(0).standard_normal((4, 16)))
-    return [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones(4, np.float32), "s")]
+    model = single_op_model("BinaryGemm", [16], {"W_packed": w, "scale": np.ones(4, np.float32)}, {"in_features": 16})
+    node = model.graph.node[0]
+    node.op_type, node.domain = op_type, domain
+    if inputs:
+        node.input[:] = inputs
+    opsets = {o.domain: o for o in model.opset_import}
+    opsets["ai.frugalrt"].version = version
+    if domain not in opsets:
+        model.opset_import.append(helper.make_opsetid(domain, 1))
+    return model
 
 
-@pytest.mark.parametrize("node,opsets,message", [
-    (helper.make_node("FusedMatMul", ["X", "X"], ["Y"], domain="com.microsoft"),
-     [("", 18), ("com.microsoft", 1)], "com.microsoft::FusedMatMul.*version 1"),
-    (helper.make_node("Ternary", ["X"], ["Y"], domain="ai.frugalrt"),
-     [("", 18), ("ai.frugalrt", 1)], "ai.frugalrt::Ternary"),
-    (helper.make_node("BinaryGemm", ["X", "W", "s"], ["Y"], domain="ai.frugalrt", in_features=16),
-     [("", 18), ("ai.frugalrt", 2)], "ai.frugalrt::BinaryGemm.*version 2"),
-    (helper.make_node("BinaryGemm", ["X", "X", "X"], ["Y"], domain="ai.frugalrt", in_features=16),
-     [("", 18), ("ai.frugalrt", 1)], "W_packed, scale and B must be constant"),
+@pytest.mark.parametrize("edit,message", [
+    (dict(op_type="FusedMatMul", domain="com.microsoft", inputs=["X", "X"]), "com.microsoft::FusedMatMul.*version 1"),
+    (dict(op_type="Ternary", inputs=["X"]), "ai.frugalrt::Ternary"),
+    (dict(version=2), "ai.frugalrt::BinaryGemm.*version 2"),
+    (dict(inputs=["X", "X", "X"]), "W_packed, scale and B must be constant"),
 ])
-def test_unsupported_ops_are_named(node, opsets, message, tmp_path):
+def test_unsupported_ops_are_named(edit, message, tmp_path):
     path = tmp_path / "m.onnx"
-    onnx.save(_model(node, opsets, _gemm_inits()), path)
+    onnx.save(_edited_gemm(**edit), path)
     with pytest.raises(UnsupportedOpError, match=message):
         frugalrt.compile(path, "host", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # atomic: nothing left behind

@@ -49,7 +49,8 @@ def test_butterfly_cpu_matches_reference(host, n, width, out, batch):
     assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (4, 1000, 64), (9, 4096, 48), (13, 64, 2000)])
+@pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (4, 1000, 64), (9, 4096, 48), (13, 64, 2000),
+                                   (3, 200, 96), (6, 1024, 320)])  # 6 blocks; 20 blocks: two weight groups
 def test_binary_gemm_cpu_is_exact(host, m, k, n):
     from frugalrt.targets.kernels.cpu_binary import OUTS, binary_gemm_primfunc, has_avx2, repack_weights
 
@@ -113,8 +114,10 @@ def test_vpopcnt_kernel_compiles_for_avx512_xeons():
     (2, 3, (6, 5), 4, (3, 2), (2, 1), (1, 0, 1, 1), False),
     (1, 37, (9, 11), 10, (3, 3), (1, 1), (1, 1, 1, 1), True),
     (2, 37, (9, 11), 13, (3, 3), (2, 2), (1, 1, 1, 1), True),
-    (1, 130, (7, 7), 9, (3, 3), (1, 1), (2, 1, 0, 1), False),
+    (1, 250, (5, 6), 9, (3, 3), (1, 1), (2, 1, 0, 1), False),  # 36 steps: two u8 flushes
     (1, 5, (4, 4), 6, (2, 2), (2, 2), (0, 0, 0, 0), True),
+    (1, 7, (12, 13), 5, (3, 3), (2, 3), (0, 2, 1, 0), False),
+    (3, 64, (10, 21), 8, (3, 3), (1, 1), (1, 1, 1, 1), True),
 ])
 def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias):
     from frugalrt.targets.kernels.cpu_binary_conv import binary_conv_primfunc, repack
@@ -124,18 +127,19 @@ def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias
     wp = ref.pack_bits(RNG.standard_normal((o, c * kernel[0] * kernel[1])))
     scale = RNG.random(o).astype(np.float32) + 0.1
     b_vec = RNG.standard_normal(o).astype(np.float32) if bias else None
-    words, row_ids, col_ids, corr = repack(wp, c, *kernel, *hw, strides, pads)
+    words, row_ids, corr = repack(wp, c, *kernel, *hw, strides, pads)
     o_pad = words.shape[-1]
     attrs = {"in_channels": c, "kernel_shape": kernel, "strides": strides, "pads": pads}
     expected = ref.binary_conv(x, wp, scale, b_vec, **attrs)
-    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, *corr.shape[:2]), host, x, words, row_ids,
-            col_ids, corr, np.pad(scale, (0, o_pad - o)), np.zeros(o_pad, np.float32) if b_vec is None
+    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, corr.shape[0]), host, x, words, row_ids, corr,
+            np.pad(scale, (0, o_pad - o)), np.zeros(o_pad, np.float32) if b_vec is None
             else np.pad(b_vec, (0, o_pad - o)), np.zeros(expected.shape, np.float32))
     np.testing.assert_array_equal(y, expected)
 
 
 def test_lowerings_pick_the_cpu_kernels_on_host(host):
-    """The x86 entries of the lowering tables emit the fast kernels; a generic x86-64 (no AVX2) does not."""
+    """The x86 entries of the lowering tables emit the fast kernels; a generic x86-64 (no AVX2) does not.
+    (The BinaryConv kernel's exactness through the lowering: tests/targets/test_kernels.py.)"""
     import tvm
     from tvm import relax
 
@@ -162,5 +166,13 @@ def test_lowerings_pick_the_cpu_kernels_on_host(host):
     y = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
     hidden = ref.butterfly(x, tw, out_features=64)
     np.testing.assert_array_equal(y, ref.binary_gemm(hidden, w, scale, in_features=64))
-    plain = build(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}))
-    assert "frugalrt_binary_gemm_cpu" not in {gv.name_hint for gv in plain.functions}
+    plain_cpu = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
+    assert "frugalrt_binary_gemm_cpu" not in {gv.name_hint for gv in build(plain_cpu).functions}
+    for target, fast in ((host, True), (plain_cpu, False)):
+        bb = relax.BlockBuilder()
+        img = relax.Var("img", relax.TensorType((1, 3, 6, 6), "float32"))
+        with bb.function("main", [img]):
+            bb.emit_func_output(get_lowering("ai.frugalrt", "BinaryConv", 1).emit(
+                bb, [img], {"W_packed": ref.pack_bits(RNG.standard_normal((4, 27))), "scale": np.ones(4, np.float32)},
+                {"in_channels": 3, "kernel_shape": [3, 3]}, target))
+        assert ("frugalrt_binary_conv_cpu" in {gv.name_hint for gv in bb.get().functions}) == fast

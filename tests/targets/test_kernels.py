@@ -1,28 +1,17 @@
 """Every ai.frugalrt op compiled for ``host`` vs the numpy reference (oracle), batch 1 and 7.
 
-Each case is one single-node ONNX model built with onnx.helper, compiled once (module fixture)
+Each case is one single-node ONNX model (``single_op_model``), compiled once (module fixture)
 and run on several batches, with zeros in X to pin sign(0) = +1.
 """
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-import frugalrt.export.schemas  # noqa: F401  (registers the ai.frugalrt schemas)
+from frugalrt.export.single_op import single_op_model
 from frugalrt.runtime import reference as ref
 
 pytestmark = pytest.mark.compile
 BATCHES = (1, 7)
 RNG = np.random.default_rng(0)
-
-
-def op_model(op: str, x_shape: list, consts: dict, attrs: dict, domain_version: int = 1) -> onnx.ModelProto:
-    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
-    node = helper.make_node(op, ["X", *consts], ["Y"], domain="ai.frugalrt", **attrs)
-    graph = helper.make_graph([node], op, [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                   helper.make_opsetid("ai.frugalrt", domain_version)])
 
 
 def butterfly(n, width, out, bias):
@@ -74,7 +63,7 @@ def compiled(request):
 
     op, x_dims, consts, attrs, oracle = CASES[request.param]
     target = tvm_target("host")
-    mod = import_onnx(op_model(op, ["batch", *x_dims], consts, attrs), target)
+    mod = import_onnx(single_op_model(op, x_dims, consts, attrs), target)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     return (lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()), x_dims, oracle
 
@@ -97,6 +86,6 @@ def test_c_target_popcount_calls_frugalrt_helper():
 
     op, x_dims, consts, attrs, _ = CASES["gemm-70x5"]
     target = tvm.target.Target({"kind": "c"})
-    mod = import_onnx(op_model(op, [1, *x_dims], consts, attrs), target)
+    mod = import_onnx(single_op_model(op, x_dims, consts, attrs), target)
     source = tvm.compile(mod, target=target).mod.imports[0].inspect_source()
     assert "frugalrt_popcount32(" in source and "__builtin_popcount" not in source

@@ -66,7 +66,7 @@ def start_device(kind: str = "rpi4-emu", port: int | None = None, name: str | No
     host, _, p = rec.address.rpartition(":")
     try:
         probe(host, int(p), timeout=30.0)
-    except DeviceError:
+    except BaseException:  # also Ctrl-C: never leave the qemu process group running
         stop(rec)
         raise
     rec.address = f"rpc://{rec.address}"

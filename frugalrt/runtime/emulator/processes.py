@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from frugalrt._atomic import atomic_path
+from frugalrt._cache import cache_dir
 from frugalrt.errors import DeviceError
-from frugalrt.runtime.emulator.userland import cache_dir
 
 _READY = re.compile(rb"FRUGALRT_READY (\d+)")
 

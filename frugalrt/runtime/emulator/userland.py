@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from frugalrt._cache import cache_dir
 from frugalrt.errors import DeviceError
-from frugalrt.runtime.qemu_plugin import cache_dir
 
 TVM_VERSION = "0.27.0.post1"
 PYTHON = "python3.11"

@@ -20,9 +20,10 @@ from typing import Optional
 import numpy as np
 
 from frugalrt._atomic import atomic_path
+from frugalrt._cache import cache_dir
 from frugalrt.errors import DeviceError, TargetError
 from frugalrt.runtime.artifact import Artifact
-from frugalrt.runtime.qemu_plugin import cache_dir, count_in_range, symbol_range
+from frugalrt.runtime.qemu_plugin import count_in_range, symbol_range
 from frugalrt.targets.cbundle import write_inputs
 from frugalrt.targets.cbundle.boards import BOARDS, DEFAULT_PLATFORM, Platform, get_platform
 from frugalrt.targets.cbundle.memory import check_fits, format_table, measure
@@ -36,22 +37,17 @@ def _artifact(artifact) -> Artifact:
 
 
 def bundle_of(artifact: Artifact) -> Path:
-    """The artifact's C bundle: its library for c-bundle targets, else ``bundle/`` (built into the
-    cache from ``model.onnx`` when the artifact lacks one: armv7 and rpi-zero ship a shared library)."""
+    """The artifact's C bundle: its library for c-bundle targets, else ``bundle/`` (armv7 and rpi-zero
+    artifacts ship one beside their shared library, since no TVM runtime exists for 32-bit ARM)."""
     if artifact.kind == "c-bundle":
         return artifact.lib_path
     if artifact.target not in DEFAULT_PLATFORM:
         raise DeviceError(f"{artifact.path}: target {artifact.target} does not run under qemu here; "
                           f"emulated targets: {', '.join(DEFAULT_PLATFORM)}")
-    if (artifact.path / "bundle" / "plan.json").is_file():
-        return artifact.path / "bundle"
-    path = cache_dir() / "bundles" / f"{artifact.manifest['model_sha256'][:16]}-{artifact.target}"
-    if not (path / "plan.json").is_file():
-        from frugalrt.targets.cbundle import build_bundle
-        from frugalrt.targets.registry import get_target
-
-        build_bundle(artifact.onnx_path, get_target(artifact.target), path)
-    return path
+    if not (artifact.path / "bundle" / "plan.json").is_file():
+        raise DeviceError(f"{artifact.path}: no bundle/ to run under qemu; recompile it with "
+                          f"`frugalrt compile {artifact.onnx_path} --target {artifact.target} --out ...`")
+    return artifact.path / "bundle"
 
 
 def platform_of(artifact: Artifact, device: str) -> Platform:
@@ -69,8 +65,10 @@ def platform_of(artifact: Artifact, device: str) -> Platform:
 
 def _digest(bundle: Path) -> str:
     h = hashlib.sha256()
-    for path in sorted(p for p in bundle.rglob("*") if p.is_file() and "build" not in p.parts):
-        h.update(str(path.relative_to(bundle)).encode() + path.read_bytes())
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        rel = path.relative_to(bundle)
+        if "build" not in rel.parts:  # the bundle's own build outputs, not folders above it
+            h.update(str(rel).encode() + path.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -22,13 +22,14 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from frugalrt.runtime.reference import conv_output_size, unpack_signs
-from frugalrt.targets.kernels.cpu_binary import unfused
+from frugalrt.targets.kernels.cpu_binary import byte_popcount, has_avx2, padded_scale_bias, unfused
 from frugalrt.targets.kernels.cpu_binary_vpopcnt import LANES as WIDE, has_vpopcntdq
 
 LANES = 4  # u64 pixels per vector (AVX2); 8 with AVX-512 VPOPCNTDQ (``vpopcntq``)
 PIXEL_VECS = 2  # pixel vectors per register block
 OUTS = 4  # output channels per register block
 PACK = 8  # pixels whose sign bits are packed together (u32 lanes)
+FLUSH = 31  # steps before u8 counts (<= 8 per step) could overflow
 
 
 def _patterns(size: int, kernel: int, stride: int, pad: int, out: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +51,7 @@ def repack(w_packed: np.ndarray, c: int, kh: int, kw: int, h: int, w: int, strid
     bits[:, :, :c, :o] = (signs < 0).transpose(2, 3, 1, 0)
     words = np.packbits(bits.reshape(kh, kw, cw, 64, o_pad).transpose(0, 1, 2, 4, 3), axis=-1,
                         bitorder="little").view("<u8").reshape(kh, kw, cw, o_pad)
-    oh, ow = conv_output_size(h, kh, strides[0], pads[0], pads[2]), conv_output_size(w, kw, strides[1], pads[1], pads[3])
+    oh, ow = _output_size(h, w, kh, kw, strides, pads)
     row_ids, rows = _patterns(h, kh, strides[0], pads[0], oh)
     col_ids, cols = _patterns(w, kw, strides[1], pads[1], ow)
     tap_sum = np.zeros((o_pad, kh, kw), np.int64)
@@ -59,6 +60,11 @@ def repack(w_packed: np.ndarray, c: int, kh: int, kw: int, h: int, w: int, strid
     corr = np.zeros((len(rows), o_pad, _ow_pad(ow, lanes)), np.int32)
     corr[:, :, :ow] = np.einsum("rxij,oij->rox", outside.astype(np.int64), tap_sum)
     return np.ascontiguousarray(words), row_ids, corr
+
+
+def _output_size(h: int, w: int, kh: int, kw: int, strides, pads) -> tuple[int, int]:
+    return (conv_output_size(h, kh, strides[0], pads[0], pads[2]),
+            conv_output_size(w, kw, strides[1], pads[1], pads[3]))
 
 
 def _ow_pad(ow: int, lanes: int) -> int:
@@ -71,14 +77,18 @@ def binary_conv_primfunc(c: int, h: int, w: int, o: int, kh: int, kw: int, strid
     bias[O_pad], Y[b, O, OH, OW])``."""
     sh, sw = strides
     pt, pl, pb, pr = pads
-    oh, ow = conv_output_size(h, kh, sh, pt, pb), conv_output_size(w, kw, sw, pl, pr)
+    oh, ow = _output_size(h, w, kh, kw, strides, pads)
     cw = -(-c // 64)
     o_pad = -(-o // OUTS) * OUTS
     ow_pad = _ow_pad(ow, lanes)
     hp = h + pt + pb
-    wq = max(-(-(w + pl + pr) // sw), ow_pad + (kw - 1) // sw, -(-(w + pl) // sw) + 1)  # columns per phase
+    wq = max(-(-(w + pl + pr) // sw), ow_pad + (kw - 1) // sw)  # columns per phase: all, and all read
     span = lanes * PIXEL_VECS
     pack = min(PACK, w)
+    steps = kh * kw * cw
+    bytewise = lanes == 4  # AVX2: count bytes with vpshufb, sum them with vpsadbw every ``flush`` steps
+    flush = FLUSH if bytewise else steps
+    flushes = -(-steps // flush)
     taps = c * kh * kw
 
     @T.macro
@@ -87,19 +97,36 @@ def binary_conv_primfunc(c: int, h: int, w: int, o: int, kh: int, kw: int, strid
                                                             - corr[row_id[oy], oc, ox0 + pv * lanes + l])
                                                      * scale[oc]) + bias[oc]
 
+    def tap_xor(xb, Wr, b, oy, ox0, ob, u, pv, s):
+        """x ^ w of step s = (tap i, tap j, channel word q) for ``lanes`` pixels and channel ob * OUTS + u."""
+        i, j, q = s // (kw * cw), s // cw % kw, s % cw
+        return (xb[b, oy * sh + i, q, j % sw, T.ramp(ox0 + pv * lanes + j // sw, 1, lanes)]
+                ^ T.broadcast(Wr[i, j, q, ob * OUTS + u], lanes))
+
     @T.macro
-    def block(xb, Wr, row_id, corr, scale, bias, Y, acc, b, oy, ox0, ob, full):
+    def block(xb, Wr, row_id, corr, scale, bias, Y, acc, acc8, b, oy, ox0, ob, full):
         for u in T.unroll(OUTS):
             for pv in T.unroll(PIXEL_VECS):
                 acc[u, pv, T.ramp(0, 1, lanes)] = T.broadcast(T.uint64(0), lanes)
-        for i in range(kh):
-            for j in range(kw):
-                for q in range(cw):
-                    for u in T.unroll(OUTS):
-                        for pv in T.unroll(PIXEL_VECS):
+        for f in range(flushes):  # steps s = (i, j, q) flattened
+            for u in T.unroll(OUTS):
+                for pv in T.unroll(PIXEL_VECS):
+                    acc8[u, pv, T.ramp(0, 1, 32)] = T.broadcast(T.uint8(0), 32)
+            for ss in range(T.min(flush, steps - f * flush)):
+                for u in T.unroll(OUTS):
+                    for pv in T.unroll(PIXEL_VECS):
+                        if bytewise:
+                            acc8[u, pv, T.ramp(0, 1, 32)] = acc8[u, pv, T.ramp(0, 1, 32)] + byte_popcount(
+                                T.reinterpret("uint8x32", tap_xor(xb, Wr, b, oy, ox0, ob, u, pv, f * flush + ss)))
+                        else:
                             acc[u, pv, T.ramp(0, 1, lanes)] = acc[u, pv, T.ramp(0, 1, lanes)] + T.popcount(
-                                xb[b, oy * sh + i, q, j % sw, T.ramp(ox0 + pv * lanes + j // sw, 1, lanes)]
-                                ^ T.broadcast(Wr[i, j, q, ob * OUTS + u], lanes))
+                                tap_xor(xb, Wr, b, oy, ox0, ob, u, pv, f * flush + ss))
+            if bytewise:
+                for u in T.unroll(OUTS):
+                    for pv in T.unroll(PIXEL_VECS):
+                        acc[u, pv, T.ramp(0, 1, lanes)] = acc[u, pv, T.ramp(0, 1, lanes)] + T.call_llvm_pure_intrin(
+                            "uint64x4", "llvm.x86.avx2.psad.bw", acc8[u, pv, T.ramp(0, 1, 32)],
+                            T.broadcast(T.uint8(0), 32))
         for u in range(OUTS):
             if ob * OUTS + u < o:
                 for pv in range(PIXEL_VECS):
@@ -121,6 +148,7 @@ def binary_conv_primfunc(c: int, h: int, w: int, o: int, kh: int, kw: int, strid
         Y = T.match_buffer(y, (batch, o, oh, ow), "float32")
         xb = T.alloc_buffer((batch, hp, cw, sw, wq), "uint64")  # column xx at [xx % sw, xx // sw]
         acc = T.alloc_buffer((OUTS, PIXEL_VECS, lanes), "uint64", scope="local")
+        acc8 = T.alloc_buffer((OUTS, PIXEL_VECS, 32), "uint8", scope="local")
         bits = T.alloc_buffer((2, pack), "uint32", scope="local")
         for b in range(batch):  # sign bits along C per pixel (pad pixels and pad bits: 0)
             for yy in range(hp):
@@ -138,7 +166,8 @@ def binary_conv_primfunc(c: int, h: int, w: int, o: int, kh: int, kw: int, strid
                                     T.broadcast(q * 64 + half * 32 + t < c, pack) & (X[
                                         b, T.min(q * 64 + half * 32 + t, c - 1), yy,
                                         T.ramp(T.min(xv * pack, w - pack), 1, pack)] < T.broadcast(T.float32(0), pack)),
-                                    T.broadcast(T.uint32(1 << t), pack), T.broadcast(T.uint32(0), pack))
+                                    T.broadcast(T.uint32(1) << T.Cast("uint32", t), pack),
+                                    T.broadcast(T.uint32(0), pack))
                         for l in range(pack):  # the last group is shifted left to stay inside the row
                             xb[b, yy + pt, q, (T.min(xv * pack, w - pack) + l + pl) % sw,
                                (T.min(xv * pack, w - pack) + l + pl) // sw] = T.Cast("uint64", bits[0, l]) | (
@@ -147,9 +176,9 @@ def binary_conv_primfunc(c: int, h: int, w: int, o: int, kh: int, kw: int, strid
             for oy in range(oh):
                 for ob in range(o_pad // OUTS):
                     for t in range(ow // span):
-                        block(xb, Wr, row_id, corr, scale, bias, Y, acc, b, oy, t * span, ob, True)
+                        block(xb, Wr, row_id, corr, scale, bias, Y, acc, acc8, b, oy, t * span, ob, True)
                     for t in range(ow // span, ow_pad // span):  # the last, partial block
-                        block(xb, Wr, row_id, corr, scale, bias, Y, acc, b, oy, t * span, ob, False)
+                        block(xb, Wr, row_id, corr, scale, bias, Y, acc, acc8, b, oy, t * span, ob, False)
 
     return kernel
 
@@ -162,14 +191,11 @@ def emit_binary_conv_cpu(bb: relax.BlockBuilder, x: relax.Expr, w_packed: np.nda
     kh, kw = kernel_shape
     words, row_ids, corr = repack(w_packed, c, kh, kw, h, w, strides, pads, lanes)
     o_pad = words.shape[-1]
-    scale_p, bias_p = np.zeros(o_pad, np.float32), np.zeros(o_pad, np.float32)
-    scale_p[:o] = scale
-    if bias is not None:
-        bias_p[:o] = bias
+    scale_p, bias_p = padded_scale_bias(scale, bias, o_pad)
     func = binary_conv_primfunc(c, h, w, o, kh, kw, strides, pads, corr.shape[0], lanes)
     gv = bb.add_func(func.with_attr("op_pattern", 8).without_attr("global_symbol"), "frugalrt_binary_conv_cpu")
     batch = x.ty.shape.values[0]
-    oh, ow = conv_output_size(h, kh, strides[0], pads[0], pads[2]), conv_output_size(w, kw, strides[1], pads[1], pads[3])
+    oh, ow = _output_size(h, w, kh, kw, strides, pads)
     consts = [words, row_ids, corr, scale_p, bias_p]
     return bb.emit(relax.call_tir(gv, [x, *map(relax.const, consts)], relax.TensorType((batch, o, oh, ow), "float32")))
 
@@ -177,7 +203,11 @@ def emit_binary_conv_cpu(bb: relax.BlockBuilder, x: relax.Expr, w_packed: np.nda
 def emit_binary_conv_x86(bb: relax.BlockBuilder, x: relax.Expr, w_words: np.ndarray, scale: np.ndarray,
                          bias: np.ndarray | None, mask, taps, kernel_shape, strides, pads, target) -> relax.Expr:
     """Lowering entry (``BinaryConvLowering.KERNELS["x86"]``); ``w_words`` are the [O, words] packed signs.
-    Any x86-64 (LLVM expands the u64 popcount); 512-bit vectors where ``vpopcntq`` exists."""
+    512-bit vectors and ``vpopcntq`` with AVX-512 VPOPCNTDQ, byte counts with AVX2, else the generic kernel."""
+    if not (has_vpopcntdq(target) or has_avx2(target)):
+        from frugalrt.targets.kernels.binary import emit_conv_generic
+
+        return emit_conv_generic(bb, x, w_words, scale, bias, mask, taps, kernel_shape, strides, pads, target)
     c, h, w = (int(d) for d in x.ty.shape.values[1:])
     nbytes = (c * kernel_shape[0] * kernel_shape[1] + 7) // 8
     w_bytes = np.ascontiguousarray(w_words).view(np.uint8)[:, :nbytes]

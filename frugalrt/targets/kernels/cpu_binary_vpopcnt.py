@@ -13,7 +13,7 @@ import numpy as np
 from tvm import relax
 from tvm.script import tirx as T
 
-from frugalrt.targets.kernels.cpu_binary import sign_bytes, unfused
+from frugalrt.targets.kernels.cpu_binary import padded_scale_bias, sign_bytes, unfused
 
 LANES = 8  # u64 per zmm register
 VECS = 2  # weight vectors per register block
@@ -91,10 +91,7 @@ def emit_binary_gemm_vpopcnt(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.
     """Emit the kernel; ``w_bytes`` is the op's [N, ceil(K/8)] uint8 input."""
     n = w_bytes.shape[0]
     n_pad = -(-n // (LANES * VECS)) * LANES * VECS
-    scale_p, bias_p = np.zeros(n_pad, np.float32), np.zeros(n_pad, np.float32)
-    scale_p[:n] = scale
-    if bias is not None:
-        bias_p[:n] = bias
+    scale_p, bias_p = padded_scale_bias(scale, bias, n_pad)
     func = vpopcnt_gemm_primfunc(k, n, n_pad).with_attr("op_pattern", 8).without_attr("global_symbol")
     gv = bb.add_func(func, "frugalrt_binary_gemm_vpopcnt")
     batch = x.ty.shape.values[0]

@@ -1,0 +1,37 @@
+"""A one-node ``ai.frugalrt`` ONNX model: the unit that op tests, kernels and benchmarks compile and run.
+
+Built by hand (no PyTorch) so that a test of one op depends on the schema alone, not on the exporter.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from frugalrt.export.schemas import SCHEMAS, VERSION
+from frugalrt.runtime.reference import DOMAIN
+
+
+def single_op_model(op_type: str, x_dims: list, consts: dict[str, np.ndarray], attrs: dict,
+                    opset: int = 18) -> onnx.ModelProto:
+    """``Y = op_type(X, *consts)`` with X of shape ``["batch", *x_dims]`` (symbolic batch).
+
+    ``consts`` become initializers named after the schema's inputs (``twiddles``, ``W_packed``,
+    ``scale``, ``B``); an optional input left out of ``consts`` is omitted from the node. Y's shape
+    is the schema's inferred one. The model passes ``onnx.checker.check_model(full_check=True)``.
+    """
+    params = [p.name for p in SCHEMAS[op_type][0].inputs[1:]]
+    unknown = set(consts) - set(params)
+    if unknown:
+        raise ValueError(f"{DOMAIN}::{op_type} has no input(s) {sorted(unknown)}; its inputs: X, {params}")
+    names = [p if p in consts else "" for p in params]
+    while names and not names[-1]:  # trailing optional inputs are dropped, inner ones stay as ""
+        names.pop()
+    node = helper.make_node(op_type, ["X", *names], ["Y"], domain=DOMAIN, **attrs)
+    graph = helper.make_graph(
+        [node], op_type, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *x_dims])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.asarray(consts[n]), n) for n in names if n])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid(DOMAIN, VERSION)])
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
