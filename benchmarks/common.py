@@ -51,10 +51,9 @@ def tvm_median_us(module, name: str, args: list, repeat: int = 30) -> float:
 
 
 def host_target():
-    import tvm
-    from tvm.target import codegen
+    from frugalrt.targets.registry import tvm_target
 
-    return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+    return tvm_target("host")
 
 
 def ort_session(model):
@@ -93,22 +92,18 @@ def compile_host_vm(model):
 
     import frugalrt.targets.compile as frt_compile
 
-    tmp = tempfile.mkdtemp(prefix="frugalrt-bench-")
-    path = os.path.join(tmp, "model.onnx")
     import onnx
 
-    onnx.save(model, path)
-    artifact = frt_compile.compile(path, "host", os.path.join(tmp, "artifact"))
-    lib = tvm.runtime.load_module(str(artifact.lib_path))
+    with tempfile.TemporaryDirectory(prefix="frugalrt-bench-") as tmp:  # the library stays loaded
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path)
+        artifact = frt_compile.compile(path, "host", os.path.join(tmp, "artifact"))
+        lib = tvm.runtime.load_module(str(artifact.lib_path))
     return relax.VirtualMachine(lib, tvm.cpu()), lib
 
 
 def vm_median_us(vm, args: list, repeat: int = 30) -> float:
-    import tvm
-
-    evaluator = vm.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
-    evaluator(*args)
-    return statistics.median(evaluator(*args).results) * 1e6
+    return tvm_median_us(vm, "main", args, repeat)
 
 
 def case(bench: str, name: str, times: dict[str, float], extra: dict | None = None) -> dict:

@@ -27,6 +27,8 @@ for tool in qemu-aarch64 qemu-arm qemu-system-arm aarch64-linux-gnu-g++ arm-linu
 done
 [ -f /usr/lib/arm-none-eabi/newlib/libc.a ] || [ -f /usr/lib/arm-none-eabi/lib/libc.a ] || missing="$missing newlib"
 [ -f /usr/arm-linux-gnueabihf/include/stdio.h ] || missing="$missing armhf-libc"
+# The emulated Raspberry Pi's userland is made of Debian arm64 packages (apt-get download).
+apt-cache show python3.11-minimal:arm64 >/dev/null 2>&1 || missing="$missing arm64-package-lists"
 if [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "[setup] installing Debian packages for:$missing"
@@ -34,7 +36,7 @@ if [ -n "$missing" ]; then
     apt-get update -q >/dev/null || echo "[setup] apt-get update reported errors; trying the install anyway"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $DEBS >/dev/null
   else
-    echo "[setup] WARNING: missing$missing; as root run: apt-get install --no-install-recommends $DEBS" >&2
+    echo "[setup] WARNING: missing$missing; as root run: dpkg --add-architecture arm64 && apt-get update && apt-get install --no-install-recommends $DEBS (the compile and emulated test tiers need them)" >&2
   fi
 fi
 echo "[setup] ready: $VENV/bin/frugalrt"

@@ -31,7 +31,7 @@ def state_dir() -> Path:
 
 @dataclass
 class ServerRecord:
-    """A started server: ``address`` is ``rpc://host:port`` (servers) or ``host:port`` (trackers)."""
+    """A started server: ``address`` is ``rpc://host:port`` (servers) or ``tracker://host:port`` (trackers)."""
 
     name: str
     kind: str
