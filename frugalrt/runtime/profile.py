@@ -111,7 +111,7 @@ def latency_stats(seconds: list[float], batch: int) -> tuple[dict[str, float], d
 
 def op_breakdown(raw: dict[str, list], runs: int) -> tuple[list[OpTime], int]:
     """Per-op table from ``vm_op_profile``'s ``{symbol: [calls, seconds, bytes]}`` over ``runs``."""
-    overhead = min(seconds / calls for calls, seconds, _ in raw.values() if calls)
+    overhead = min((seconds / calls for calls, seconds, _ in raw.values() if calls), default=0.0)
     net = {name: max(seconds - calls * overhead, 0.0) for name, (calls, seconds, _) in raw.items()}
     total = sum(net.values()) or 1.0
     ops = [OpTime(name, calls / runs, net[name] / runs * 1e3, net[name] / total)

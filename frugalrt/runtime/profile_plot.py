@@ -38,6 +38,8 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
     bars.set(xlabel="ms per inference (instrumented, overhead removed)",
              title="per-op breakdown" if ops else f"per-op breakdown unavailable: {report.ops_note}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)

@@ -176,3 +176,43 @@ def test_lowerings_pick_the_cpu_kernels_on_host(host):
                 bb, [img], {"W_packed": ref.pack_bits(RNG.standard_normal((4, 27))), "scale": np.ones(4, np.float32)},
                 {"in_channels": 3, "kernel_shape": [3, 3]}, target))
         assert ("frugalrt_binary_conv_cpu" in {gv.name_hint for gv in bb.get().functions}) == fast
+
+
+def test_binary_gemm_with_huge_k_stays_exact(host):
+    """K = 2^17 would overflow the table kernel's u16 counters: the x86 entry must fall back."""
+    import tvm
+    from tvm import relax
+
+    from frugalrt.targets.kernels import get_lowering
+
+    k = 1 << 17
+    x = -np.ones((1, k), np.float32)  # every bit differs from the all-positive weights: S = -K
+    w, scale = ref.pack_bits(np.ones((2, k))), np.ones(2, np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((1, k), "float32"))
+    with bb.function("main", [xv]):
+        bb.emit_func_output(get_lowering("ai.frugalrt", "BinaryGemm", 1).emit(
+            bb, [xv], {"W_packed": w, "scale": scale}, {"in_features": k}, host))
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=host), tvm.cpu())
+    y = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
+    np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, in_features=k))
+    assert y[0, 0] == -k
+
+
+@pytest.mark.parametrize("op,consts,attrs,x_shape,match", [
+    ("BinaryConv", {"W_packed": np.zeros((4, 4), np.uint8), "scale": np.ones(4, np.float32)},
+     {"in_channels": 3, "kernel_shape": [3, 3]}, (1, 3, 2, 2), "output 0x0"),
+    ("BinaryConv", {"W_packed": np.zeros((4, 3), np.uint8), "scale": np.ones(4, np.float32)},
+     {"in_channels": 3, "kernel_shape": [3, 3]}, (1, 3, 6, 6), r"expects \[O, 4\]"),
+    ("Butterfly", {"twiddles": np.zeros((3, 4, 2, 2), np.float32)}, {"out_features": 9}, (1, 8), "exceed N=8"),
+])
+def test_lowerings_reject_inconsistent_shapes(host, op, consts, attrs, x_shape, match):
+    from tvm import relax
+
+    from frugalrt.errors import UnsupportedOpError
+    from frugalrt.targets.kernels import get_lowering
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x_shape, "float32"))
+    with pytest.raises(UnsupportedOpError, match=match), bb.function("main", [xv]):
+        get_lowering("ai.frugalrt", op, 1).emit(bb, [xv], consts, attrs, host)

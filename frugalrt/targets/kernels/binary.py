@@ -179,6 +179,14 @@ class BinaryConvLowering:
         kernel_shape = [int(v) for v in attrs["kernel_shape"]]
         strides = [int(v) for v in attrs.get("strides", (1, 1))]
         pads = [int(v) for v in attrs.get("pads", (0, 0, 0, 0))]
+        kdim = c * kernel_shape[0] * kernel_shape[1]
+        oh = conv_output_size(h, kernel_shape[0], strides[0], pads[0], pads[2])
+        ow = conv_output_size(wd, kernel_shape[1], strides[1], pads[1], pads[3])
+        if int(attrs["in_channels"]) != c or w.shape[1] != (kdim + 7) // 8 or oh <= 0 or ow <= 0:
+            raise UnsupportedOpError(
+                f"ai.frugalrt::BinaryConv v1: input [batch, {c}, {h}, {wd}], in_channels={attrs['in_channels']}, "
+                f"W_packed {w.shape} (expects [O, {(kdim + 7) // 8}]), kernel {kernel_shape}, strides {strides}, "
+                f"pads {pads} -> output {oh}x{ow}: inconsistent")
         bits = word_bits(target)
         mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, bits)
         kernel = pick_kernel(self.KERNELS, target)

@@ -79,7 +79,12 @@ class ButterflyLowering:
             raise UnsupportedOpError("ai.frugalrt::Butterfly v1: twiddles and B must be constant "
                                      "initializers (re-export the model with its parameters)")
         twiddles = consts["twiddles"].astype(np.float32)
-        butterfly_stages(2 * twiddles.shape[1])  # validates N
+        n = 2 * twiddles.shape[1]
+        butterfly_stages(n)  # validates N
+        width, out = inputs[0].ty.shape.values[-1], int(attrs["out_features"])
+        if out > n or (isinstance(width, tirx.IntImm) and width.value > n):
+            raise UnsupportedOpError(f"ai.frugalrt::Butterfly v1: in_features={width}, out_features={out} "
+                                     f"exceed N={n} of twiddles {list(twiddles.shape)}")
         own, other = stage_coefficients(twiddles)
         bias = consts.get("B")
         kernel = pick_kernel(self.KERNELS, target)

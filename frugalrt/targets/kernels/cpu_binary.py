@@ -202,6 +202,11 @@ def padded_scale_bias(scale: np.ndarray, bias: np.ndarray | None, n_pad: int) ->
     return out[0], out[1]
 
 
+def fits_u16_counts(k: int) -> bool:
+    """The table kernel's u16 lanes gather up to 8 per 16 bits of K: exact while 8*ceil(K/16) < 2^16."""
+    return 8 * -(-k // 16) <= 0xFFFF
+
+
 def has_avx2(target) -> bool:
     from tvm.target import codegen
 
@@ -212,13 +217,13 @@ def has_avx2(target) -> bool:
 def emit_binary_gemm_x86(bb: relax.BlockBuilder, x: relax.Expr, w_words: np.ndarray, scale: np.ndarray,
                          bias: np.ndarray | None, k: int, target) -> relax.Expr:
     """x86 entry: XOR + ``vpopcntq`` with AVX-512 VPOPCNTDQ, else the table-lookup kernel with AVX2
-    (``vpshufb`` on 256 bits), else the generic kernel."""
+    (``vpshufb`` on 256 bits) while its u16 counters cannot overflow, else the generic kernel."""
     from frugalrt.targets.kernels import cpu_binary_vpopcnt  # imports this module
 
     if cpu_binary_vpopcnt.has_vpopcntdq(target):
         w_bytes = np.ascontiguousarray(w_words).view(np.uint8)[:, : (k + 7) // 8]
         return cpu_binary_vpopcnt.emit_binary_gemm_vpopcnt(bb, x, w_bytes, scale, bias, k)
-    if has_avx2(target):
+    if has_avx2(target) and fits_u16_counts(k):
         return emit_binary_gemm_cpu(bb, x, w_words, scale, bias, k, target)
     from frugalrt.targets.kernels.binary import emit_gemm_generic
 

@@ -5,7 +5,7 @@ There the plain XNOR-popcount is the fast path: ``vpxorq`` + ``vpopcntq`` + ``vp
 compile time into ``[N_pad / lanes, words, lanes]`` u64 so the inner loop streams one vector of
 ``lanes`` outputs per 64-bit word of K; a block of ``ROWS`` rows x ``VECS`` vectors stays in
 registers and reuses every weight load ``ROWS`` times. The same TIR with 4 lanes compiles for
-any x86-64 (LLVM expands the popcount), which is how the tests check it on AVX2 machines.
+any AVX2 x86-64 (LLVM expands the popcount), which is how the tests check it on AVX2 machines.
 """
 from __future__ import annotations
 
