@@ -33,8 +33,7 @@ def gemm_kernel(x, w_packed, scale, bias, xor_popcount: bool = False):
         n_pad = -(-n // cpu_binary.OUTS) * cpu_binary.OUTS
         func, weights = cpu_binary.binary_gemm_primfunc(k, n, n_pad), cpu_binary.repack_weights(w_packed, n_pad)
     lib = tvm.compile(func, target=host_target())
-    pad = lambda v: np.pad(v, (0, n_pad - n))  # noqa: E731
-    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, weights, pad(scale), pad(bias),
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, weights, *cpu_binary.padded_scale_bias(scale, bias, n_pad),
                                                        np.zeros((x.shape[0], n), np.float32))]
     lib(*args)
     return lib.mod, args

@@ -3,7 +3,8 @@
 frugalrt: the host kernel (``cpu_butterfly``) called through TVM's timer on preallocated tensors.
 Baselines: torch ``nn.Linear`` (dense), ONNX Runtime dense MatMul, the portable standard-op export
 of the same layer in ONNX Runtime, pyfaust's butterfly-optimized Faust (``opt_butterfly_faust``),
-a naive PyTorch stage loop, and scipy's complex FFT of the same N (the O(N log N) floor).
+a naive PyTorch stage loop (the eager ``butterfly_dense_path``), and scipy's complex FFT of the same N
+(the O(N log N) floor).
 """
 from __future__ import annotations
 
@@ -17,20 +18,6 @@ from benchmarks.common import (case, dense_matmul_onnx, host_target, median_us, 
                                tvm_median_us)
 
 SIZES, BATCHES = (1024, 4096), (1, 64)
-
-
-def torch_stage_loop(x, twiddles):
-    """Naive eager PyTorch: one reshape + 4 multiplies per stage (docs/ops.md, as written)."""
-    import torch
-
-    batch, n = x.shape
-    for s in range(twiddles.shape[0]):
-        h = 1 << s
-        v = x.reshape(batch, n // (2 * h), 2, h)
-        t = twiddles[s].reshape(n // (2 * h), h, 2, 2)
-        x0, x1 = v[:, :, 0], v[:, :, 1]
-        x = torch.stack([t[..., 0, 0] * x0 + t[..., 0, 1] * x1, t[..., 1, 0] * x0 + t[..., 1, 1] * x1], 2)
-    return x.reshape(batch, n)
 
 
 def pyfaust_product(twiddles):
@@ -73,6 +60,7 @@ def run(args) -> list[dict]:
 
     import frugalrt
     from frugalrt.nn import ButterflyLinear
+    from frugalrt.nn.ops import butterfly_dense_path
     from frugalrt.runtime.reference import butterfly
 
     repeat = 5 if args.quick else 30
@@ -100,7 +88,7 @@ def run(args) -> list[dict]:
             times = {"frugalrt": tvm_median_us(mod, "main", targs, repeat)}
             with torch.no_grad():
                 times["torch nn.Linear (dense)"] = median_us(lambda: dense(xt), repeat)
-                times["naive torch stage loop"] = median_us(lambda: torch_stage_loop(xt, tw_t), repeat)
+                times["naive torch stage loop"] = median_us(lambda: butterfly_dense_path(xt, tw_t, None, n), repeat)
             times["ORT dense MatMul"] = median_us(ort_runner(ort_dense, x), repeat)
             times["ORT portable export"] = median_us(ort_runner(ort_portable, x), repeat)
             times["pyfaust (opt_butterfly_faust)"] = median_us(lambda: faust @ xf, repeat) if faust else float("nan")

@@ -22,15 +22,10 @@ import numpy as np
 KINDS = ("hadamard", "random-butterfly", "dft-bitrev", "random-dense")
 
 
-def bit_reversal(n: int) -> np.ndarray:
-    bits = n.bit_length() - 1
-    return np.array([int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)])
-
-
 def make_matrix(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     from scipy.linalg import hadamard
 
-    from frugalrt.nn.factorize import butterfly_to_dense
+    from frugalrt.nn.factorize import bit_reversal, butterfly_to_dense
 
     if kind == "hadamard":
         return hadamard(n).astype(np.float64)

@@ -69,6 +69,13 @@ def hierarchical_factorization(matrix: np.ndarray) -> np.ndarray:
     return np.stack([f.reshape(n // 2, 2, 2) for f in reversed(factors)])  # stage s = L - l
 
 
+def bit_reversal(n: int) -> np.ndarray:
+    """Bit-reversal permutation of ``range(n)`` (n a power of two): the DFT with columns permuted by it,
+    ``dft[:, bit_reversal(n)]``, is a butterfly (Cooley-Tukey), so :func:`factorize` recovers it exactly."""
+    bits = n.bit_length() - 1
+    return np.array([int(format(i, f"0{bits}b")[::-1], 2) for i in range(n)])
+
+
 def butterfly_to_dense(twiddles: np.ndarray) -> np.ndarray:
     """The N x N matrix B_{L-1} ... B_0 of any-dtype twiddles (float64, complex128), via the torch path."""
     tw = torch.from_numpy(np.ascontiguousarray(twiddles))

@@ -5,15 +5,10 @@ import torch
 from scipy.linalg import hadamard
 
 from frugalrt.nn import factorize
-from frugalrt.nn.factorize import butterfly_to_dense
+from frugalrt.nn.factorize import bit_reversal, butterfly_to_dense
 from frugalrt.runtime.reference import butterfly as reference_butterfly
 
 SIZES = [2, 4, 8, 16, 32, 64, 128, 256]
-
-
-def bit_reversal(n: int) -> np.ndarray:
-    bits = n.bit_length() - 1
-    return np.array([int(format(i, f"0{bits}b")[::-1], 2) if bits else 0 for i in range(n)])
 
 
 def dense_from_layer_stages(twiddles: np.ndarray) -> np.ndarray:

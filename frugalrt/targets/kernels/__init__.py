@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from frugalrt.errors import UnsupportedOpError
-from frugalrt.runtime.reference import DOMAIN
+from frugalrt.runtime.reference import DOMAIN, conv_output_size
 
 OpKey = tuple[str, str, int]
 
@@ -109,3 +109,32 @@ def pick_kernel(table: dict[str, Callable], target) -> Callable:
 def word_bits(target) -> int:
     """Width of the packed-bit words: 64 on 64-bit CPUs and GPUs, 32 on 32-bit ARM and the C target."""
     return 64 if target_family(target) in ("x86", "aarch64", "cuda") else 32
+
+
+def pack_words(packed_bytes: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, ceil(K/8)] uint8 -> [rows, ceil(K/bits)] uint{bits}: same bit order, zero pad bits."""
+    rows, nbytes = packed_bytes.shape
+    step = bits // 8
+    padded = np.zeros((rows, -(-nbytes // step) * step), np.uint8)
+    padded[:, :nbytes] = packed_bytes
+    return padded.view(f"<u{step}").astype(f"uint{bits}")
+
+
+def has_cpu_features(target, *names: str) -> bool:
+    """Whether LLVM ``target`` (its ``-mcpu``/``-mattr``, else the host) has all CPU features ``names``."""
+    from tvm.target import codegen
+
+    with target:
+        return bool(codegen.llvm_cpu_has_features(list(names), target))
+
+
+def conv_output_shape(h: int, w: int, kernel_shape, strides, pads) -> tuple[int, int]:
+    """(OH, OW) of a convolution with ``pads = [top, left, bottom, right]`` (docs/ops.md, BinaryConv)."""
+    return (conv_output_size(h, kernel_shape[0], strides[0], pads[0], pads[2]),
+            conv_output_size(w, kernel_shape[1], strides[1], pads[1], pads[3]))
+
+
+def taps_inside(size: int, kernel: int, stride: int, pad: int, out: int) -> np.ndarray:
+    """[out, kernel] bool along one axis: whether tap t of output index o reads an in-image position."""
+    pos = np.arange(out)[:, None] * stride - pad + np.arange(kernel)[None, :]
+    return (pos >= 0) & (pos < size)

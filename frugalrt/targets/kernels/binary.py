@@ -15,20 +15,11 @@ import numpy as np
 from tvm import relax, te, tirx
 
 from frugalrt.errors import UnsupportedOpError
-from frugalrt.runtime.reference import conv_output_size
-from frugalrt.targets.kernels import pick_kernel, register_lowering, word_bits
+from frugalrt.targets.kernels import (conv_output_shape, pack_words, pick_kernel, register_lowering, taps_inside,
+                                      word_bits)
 from frugalrt.targets.kernels.cpu_binary import emit_binary_gemm_x86
 from frugalrt.targets.kernels.cpu_binary_conv import emit_binary_conv_x86
 from frugalrt.targets.kernels.schedules import emit_kernel
-
-
-def pack_words(packed_bytes: np.ndarray, bits: int) -> np.ndarray:
-    """[rows, ceil(K/8)] uint8 -> [rows, ceil(K/bits)] uint{bits}: same bit order, zero pad bits."""
-    rows, nbytes = packed_bytes.shape
-    step = bits // 8
-    padded = np.zeros((rows, -(-nbytes // step) * step), np.uint8)
-    padded[:, :nbytes] = packed_bytes
-    return padded.view(f"<u{step}").astype(f"uint{bits}")
 
 
 def _output(acc: te.Tensor, taps, scale: te.Tensor, bias: te.Tensor | None, channel_axis: int) -> te.Tensor:
@@ -63,9 +54,9 @@ def binary_gemm_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, bias: te.Tensor
     return _output(acc, lambda *_: k, scale, bias, 1)
 
 
-def emit_gemm_generic(bb, x, w_words: np.ndarray, scale: np.ndarray, bias: np.ndarray | None,
+def emit_gemm_generic(bb, x, w_bytes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None,
                       k: int, target) -> relax.Expr:
-    args = [x, relax.const(w_words), relax.const(scale)] + ([relax.const(bias)] if bias is not None else [])
+    args = [x, relax.const(pack_words(w_bytes, word_bits(target))), relax.const(scale)] + ([relax.const(bias)] if bias is not None else [])
 
     def kernel(x, w, scale, *bias):
         return binary_gemm_te(x, w, scale, bias[0] if bias else None, k)
@@ -75,12 +66,10 @@ def emit_gemm_generic(bb, x, w_words: np.ndarray, scale: np.ndarray, bias: np.nd
 
 def conv_taps(c: int, h: int, w: int, kh: int, kw: int, strides, pads, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Per output position: the in-image tap mask as words [OH, OW, words] and the count V [OH, OW]."""
-    sh, sw = strides
-    pt, pl, pb, pr = pads
-    oh, ow = conv_output_size(h, kh, sh, pt, pb), conv_output_size(w, kw, sw, pl, pr)
-    rows = np.arange(oh)[:, None] * sh - pt + np.arange(kh)[None, :]  # [OH, kh]
-    cols = np.arange(ow)[:, None] * sw - pl + np.arange(kw)[None, :]  # [OW, kw]
-    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[None, :, None, :]
+    oh, ow = conv_output_shape(h, w, (kh, kw), strides, pads)
+    rows = taps_inside(h, kh, strides[0], pads[0], oh)  # [OH, kh]
+    cols = taps_inside(w, kw, strides[1], pads[1], ow)  # [OW, kw]
+    inside = rows[:, None, :, None] & cols[None, :, None, :]
     valid = np.broadcast_to(inside[:, :, None], (oh, ow, c, kh, kw)).reshape(oh * ow, c * kh * kw)
     mask = pack_words(np.packbits(valid, axis=-1, bitorder="little"), bits).reshape(oh, ow, -1)
     return mask, valid.sum(axis=1).reshape(oh, ow).astype(np.int32)
@@ -121,8 +110,12 @@ def binary_conv_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, mask: te.Tensor
     return _output(acc, lambda b, f, y, z: taps[y, z], scale, bias, 1)
 
 
-def emit_conv_generic(bb, x, w_words, scale, bias, mask, taps, kernel_shape, strides, pads, target):
-    args = [x, relax.const(w_words), relax.const(scale), relax.const(taps)]
+def emit_conv_generic(bb, x, w_bytes, scale, bias, kernel_shape, strides, pads, target):
+    c, h, wd = (int(d) for d in x.ty.shape.values[1:])
+    bits = word_bits(target)
+    mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, bits)
+    mask = mask if any(pads) else None
+    args = [x, relax.const(pack_words(w_bytes, bits)), relax.const(scale), relax.const(taps)]
     args += [relax.const(mask)] if mask is not None else []
     args += [relax.const(bias)] if bias is not None else []
 
@@ -148,7 +141,8 @@ def _binary_consts(op: str, inputs: list, consts: dict[str, np.ndarray]):
 class BinaryGemmLowering:
     """Y = scale * (K - 2 popcount(sign bits of X ^ W)) + B."""
 
-    # target family -> kernel: emit(bb, x, w_words, scale, bias, k, target) -> relax.Expr.
+    # target family -> kernel: emit(bb, x, w_packed, scale, bias, k, target) -> relax.Expr, with the
+    # op's [N, ceil(K/8)] uint8 weights (each kernel repacks them for itself).
     # PERF: put fast CPU kernels (kernels/cpu_*.py) here under "x86" / "aarch64" / "arm" / "cpu".
     KERNELS = {"generic": emit_gemm_generic, "x86": emit_binary_gemm_x86}
 
@@ -158,15 +152,15 @@ class BinaryGemmLowering:
         if w.shape[1] != (k + 7) // 8:
             raise UnsupportedOpError(f"ai.frugalrt::BinaryGemm v1: W_packed {w.shape} does not fit in_features={k}")
         kernel = pick_kernel(self.KERNELS, target)
-        return kernel(bb, inputs[0], pack_words(w, word_bits(target)), scale, bias, k, target)
+        return kernel(bb, inputs[0], w, scale, bias, k, target)
 
 
 @register_lowering("BinaryConv", 1)
 class BinaryConvLowering:
     """NCHW conv of sign(X), zero padding contributing 0: S = V - 2 popcount((x ^ w) & in-image)."""
 
-    # target family -> kernel: emit(bb, x, w_words, scale, bias, mask|None, taps, kernel_shape,
-    # strides, pads, target) -> relax.Expr. PERF: fast CPU kernels go here, as for BinaryGemm.
+    # target family -> kernel: emit(bb, x, w_packed, scale, bias, kernel_shape, strides, pads, target)
+    # -> relax.Expr, w_packed as for BinaryGemm. PERF: fast CPU kernels go here, as for BinaryGemm.
     KERNELS = {"generic": emit_conv_generic, "x86": emit_binary_conv_x86}
 
     def emit(self, bb, inputs: list, consts: dict[str, np.ndarray], attrs: dict[str, Any], target):
@@ -180,15 +174,11 @@ class BinaryConvLowering:
         strides = [int(v) for v in attrs.get("strides", (1, 1))]
         pads = [int(v) for v in attrs.get("pads", (0, 0, 0, 0))]
         kdim = c * kernel_shape[0] * kernel_shape[1]
-        oh = conv_output_size(h, kernel_shape[0], strides[0], pads[0], pads[2])
-        ow = conv_output_size(wd, kernel_shape[1], strides[1], pads[1], pads[3])
+        oh, ow = conv_output_shape(h, wd, kernel_shape, strides, pads)
         if int(attrs["in_channels"]) != c or w.shape[1] != (kdim + 7) // 8 or oh <= 0 or ow <= 0:
             raise UnsupportedOpError(
                 f"ai.frugalrt::BinaryConv v1: input [batch, {c}, {h}, {wd}], in_channels={attrs['in_channels']}, "
                 f"W_packed {w.shape} (expects [O, {(kdim + 7) // 8}]), kernel {kernel_shape}, strides {strides}, "
                 f"pads {pads} -> output {oh}x{ow}: inconsistent")
-        bits = word_bits(target)
-        mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, bits)
         kernel = pick_kernel(self.KERNELS, target)
-        return kernel(bb, inputs[0], pack_words(w, bits), scale, bias, mask if any(pads) else None, taps,
-                      kernel_shape, strides, pads, target)
+        return kernel(bb, inputs[0], w, scale, bias, kernel_shape, strides, pads, target)

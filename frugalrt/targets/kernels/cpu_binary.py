@@ -23,6 +23,8 @@ import numpy as np
 from tvm import relax
 from tvm.script import tirx as T
 
+from frugalrt.targets.kernels import has_cpu_features
+
 OUTS = 16  # outputs per 32-byte weight vector
 FLUSH = 31  # q-steps before the u8 accumulators could overflow (8 per step)
 ROWS = 4  # rows per register block (the remainder goes one row at a time)
@@ -178,12 +180,11 @@ def binary_gemm_primfunc(k: int, n: int, n_pad: int):
     return kernel
 
 
-def emit_binary_gemm_cpu(bb: relax.BlockBuilder, x: relax.Expr, w_words: np.ndarray, scale: np.ndarray,
-                         bias: np.ndarray | None, k: int, target) -> relax.Expr:
-    """Lowering entry (``BinaryGemmLowering.KERNELS["x86"]``); ``w_words`` are the [N, words] packed signs."""
-    n = w_words.shape[0]
+def emit_binary_gemm_cpu(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
+                         bias: np.ndarray | None, k: int) -> relax.Expr:
+    """Emit the kernel; ``w_bytes`` is the op's [N, ceil(K/8)] uint8 input."""
+    n = w_bytes.shape[0]
     n_pad = -(-n // OUTS) * OUTS
-    w_bytes = np.ascontiguousarray(w_words).view(np.uint8)[:, : (k + 7) // 8]
     scale_p, bias_p = padded_scale_bias(scale, bias, n_pad)
     func = binary_gemm_primfunc(k, n, n_pad).with_attr("op_pattern", 8).without_attr(
         "global_symbol")  # opaque; Relax names it after its GlobalVar
@@ -208,26 +209,19 @@ def fits_u16_counts(k: int) -> bool:
 
 
 def has_avx2(target) -> bool:
-    from tvm.target import codegen
-
-    with target:
-        return bool(codegen.llvm_cpu_has_features(["avx2"], target))
+    return has_cpu_features(target, "avx2")
 
 
-def emit_binary_gemm_x86(bb: relax.BlockBuilder, x: relax.Expr, w_words: np.ndarray, scale: np.ndarray,
+def emit_binary_gemm_x86(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
                          bias: np.ndarray | None, k: int, target) -> relax.Expr:
-    """x86 entry: XOR + ``vpopcntq`` with AVX-512 VPOPCNTDQ, else the table-lookup kernel with AVX2
+    """Lowering entry (``BinaryGemmLowering.KERNELS["x86"]``): XOR + ``vpopcntq`` with AVX-512 VPOPCNTDQ, else the table-lookup kernel with AVX2
     (``vpshufb`` on 256 bits) while its u16 counters cannot overflow, else the generic kernel."""
     from frugalrt.targets.kernels import cpu_binary_vpopcnt  # imports this module
 
     if cpu_binary_vpopcnt.has_vpopcntdq(target):
-        w_bytes = np.ascontiguousarray(w_words).view(np.uint8)[:, : (k + 7) // 8]
         return cpu_binary_vpopcnt.emit_binary_gemm_vpopcnt(bb, x, w_bytes, scale, bias, k)
     if has_avx2(target) and fits_u16_counts(k):
-        return emit_binary_gemm_cpu(bb, x, w_words, scale, bias, k, target)
+        return emit_binary_gemm_cpu(bb, x, w_bytes, scale, bias, k)
     from frugalrt.targets.kernels.binary import emit_gemm_generic
 
-    return emit_gemm_generic(bb, x, w_words, scale, bias, k, target)
-
-
-
+    return emit_gemm_generic(bb, x, w_bytes, scale, bias, k, target)

@@ -21,7 +21,8 @@ import numpy as np
 from tvm import relax
 from tvm.script import tirx as T
 
-from frugalrt.runtime.reference import conv_output_size, unpack_signs
+from frugalrt.runtime.reference import unpack_signs
+from frugalrt.targets.kernels import conv_output_shape, taps_inside
 from frugalrt.targets.kernels.cpu_binary import byte_popcount, has_avx2, padded_scale_bias, unfused
 from frugalrt.targets.kernels.cpu_binary_vpopcnt import LANES as WIDE, has_vpopcntdq
 
@@ -34,9 +35,7 @@ FLUSH = 31  # steps before u8 counts (<= 8 per step) could overflow
 
 def _patterns(size: int, kernel: int, stride: int, pad: int, out: int) -> tuple[np.ndarray, np.ndarray]:
     """Per output index: the id of its in-image tap pattern, and the patterns [n, kernel] (bool)."""
-    pos = np.arange(out)[:, None] * stride - pad + np.arange(kernel)[None, :]
-    valid = (pos >= 0) & (pos < size)
-    patterns, ids = np.unique(valid, axis=0, return_inverse=True)
+    patterns, ids = np.unique(taps_inside(size, kernel, stride, pad, out), axis=0, return_inverse=True)
     return ids.reshape(-1).astype(np.int32), patterns
 
 
@@ -51,7 +50,7 @@ def repack(w_packed: np.ndarray, c: int, kh: int, kw: int, h: int, w: int, strid
     bits[:, :, :c, :o] = (signs < 0).transpose(2, 3, 1, 0)
     words = np.packbits(bits.reshape(kh, kw, cw, 64, o_pad).transpose(0, 1, 2, 4, 3), axis=-1,
                         bitorder="little").view("<u8").reshape(kh, kw, cw, o_pad)
-    oh, ow = _output_size(h, w, kh, kw, strides, pads)
+    oh, ow = conv_output_shape(h, w, (kh, kw), strides, pads)
     row_ids, rows = _patterns(h, kh, strides[0], pads[0], oh)
     col_ids, cols = _patterns(w, kw, strides[1], pads[1], ow)
     tap_sum = np.zeros((o_pad, kh, kw), np.int64)
@@ -60,11 +59,6 @@ def repack(w_packed: np.ndarray, c: int, kh: int, kw: int, h: int, w: int, strid
     corr = np.zeros((len(rows), o_pad, _ow_pad(ow, lanes)), np.int32)
     corr[:, :, :ow] = np.einsum("rxij,oij->rox", outside.astype(np.int64), tap_sum)
     return np.ascontiguousarray(words), row_ids, corr
-
-
-def _output_size(h: int, w: int, kh: int, kw: int, strides, pads) -> tuple[int, int]:
-    return (conv_output_size(h, kh, strides[0], pads[0], pads[2]),
-            conv_output_size(w, kw, strides[1], pads[1], pads[3]))
 
 
 def _ow_pad(ow: int, lanes: int) -> int:
@@ -77,7 +71,7 @@ def binary_conv_primfunc(c: int, h: int, w: int, o: int, kh: int, kw: int, strid
     bias[O_pad], Y[b, O, OH, OW])``."""
     sh, sw = strides
     pt, pl, pb, pr = pads
-    oh, ow = _output_size(h, w, kh, kw, strides, pads)
+    oh, ow = conv_output_shape(h, w, (kh, kw), strides, pads)
     cw = -(-c // 64)
     o_pad = -(-o // OUTS) * OUTS
     ow_pad = _ow_pad(ow, lanes)
@@ -195,21 +189,20 @@ def emit_binary_conv_cpu(bb: relax.BlockBuilder, x: relax.Expr, w_packed: np.nda
     func = binary_conv_primfunc(c, h, w, o, kh, kw, strides, pads, corr.shape[0], lanes)
     gv = bb.add_func(func.with_attr("op_pattern", 8).without_attr("global_symbol"), "frugalrt_binary_conv_cpu")
     batch = x.ty.shape.values[0]
-    oh, ow = _output_size(h, w, kh, kw, strides, pads)
+    oh, ow = conv_output_shape(h, w, (kh, kw), strides, pads)
     consts = [words, row_ids, corr, scale_p, bias_p]
     return bb.emit(relax.call_tir(gv, [x, *map(relax.const, consts)], relax.TensorType((batch, o, oh, ow), "float32")))
 
 
-def emit_binary_conv_x86(bb: relax.BlockBuilder, x: relax.Expr, w_words: np.ndarray, scale: np.ndarray,
-                         bias: np.ndarray | None, mask, taps, kernel_shape, strides, pads, target) -> relax.Expr:
-    """Lowering entry (``BinaryConvLowering.KERNELS["x86"]``); ``w_words`` are the [O, words] packed signs.
+def emit_binary_conv_x86(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
+                         bias: np.ndarray | None, kernel_shape, strides, pads, target) -> relax.Expr:
+    """Lowering entry (``BinaryConvLowering.KERNELS["x86"]``); ``w_bytes`` is the op's [O, ceil(C*kh*kw/8)] uint8.
     512-bit vectors and ``vpopcntq`` with AVX-512 VPOPCNTDQ, byte counts with AVX2, else the generic kernel."""
-    if not (has_vpopcntdq(target) or has_avx2(target)):
+    wide = has_vpopcntdq(target)
+    if not (wide or has_avx2(target)):
         from frugalrt.targets.kernels.binary import emit_conv_generic
 
-        return emit_conv_generic(bb, x, w_words, scale, bias, mask, taps, kernel_shape, strides, pads, target)
+        return emit_conv_generic(bb, x, w_bytes, scale, bias, kernel_shape, strides, pads, target)
     c, h, w = (int(d) for d in x.ty.shape.values[1:])
-    nbytes = (c * kernel_shape[0] * kernel_shape[1] + 7) // 8
-    w_bytes = np.ascontiguousarray(w_words).view(np.uint8)[:, :nbytes]
-    lanes = WIDE if has_vpopcntdq(target) else LANES
+    lanes = WIDE if wide else LANES
     return emit_binary_conv_cpu(bb, x, w_bytes, scale, bias, c, h, w, kernel_shape, strides, pads, lanes)

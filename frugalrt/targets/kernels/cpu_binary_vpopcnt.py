@@ -13,6 +13,7 @@ import numpy as np
 from tvm import relax
 from tvm.script import tirx as T
 
+from frugalrt.targets.kernels import has_cpu_features, pack_words
 from frugalrt.targets.kernels.cpu_binary import padded_scale_bias, sign_bytes, unfused
 
 LANES = 8  # u64 per zmm register
@@ -22,12 +23,10 @@ ROWS = 4  # rows per register block (the remainder goes one row at a time)
 
 def repack_words(w_bytes: np.ndarray, n_pad: int, lanes: int = LANES) -> np.ndarray:
     """[N, ceil(K/8)] packed signs -> [N_pad / lanes, ceil(K/64), lanes] u64, zero pad bits."""
-    n, nbytes = w_bytes.shape
-    words = -(-nbytes // 8)
-    padded = np.zeros((n_pad, words * 8), np.uint8)
-    padded[:n, :nbytes] = w_bytes
-    w = padded.view("<u8").reshape(n_pad // lanes, lanes, words)
-    return np.ascontiguousarray(w.transpose(0, 2, 1))
+    rows = np.zeros((n_pad, w_bytes.shape[1]), np.uint8)
+    rows[: len(w_bytes)] = w_bytes
+    w = pack_words(rows, 64)
+    return np.ascontiguousarray(w.reshape(n_pad // lanes, lanes, -1).transpose(0, 2, 1))
 
 
 def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
@@ -80,10 +79,7 @@ def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
 
 
 def has_vpopcntdq(target) -> bool:
-    from tvm.target import codegen
-
-    with target:
-        return bool(codegen.llvm_cpu_has_features(["avx512vpopcntdq"], target))
+    return has_cpu_features(target, "avx512vpopcntdq")
 
 
 def emit_binary_gemm_vpopcnt(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,

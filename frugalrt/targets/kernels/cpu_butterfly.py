@@ -34,8 +34,8 @@ def plan(n: int) -> tuple[int, int, int]:
     return first, rest // RADIX_STAGES, rest % RADIX_STAGES
 
 
-def _pair(t: int, pr: int) -> tuple[int, int]:
-    """Slots (m0, m1) mixed by pair ``pr`` in stage ``t`` of a pass (slots differ by 2^t)."""
+def _pair(t, pr):
+    """Slots (m0, m1) mixed by pair ``pr`` in stage ``t`` of a pass (slots differ by 2^t); ints or TIR exprs."""
     m0 = ((pr >> t) << (t + 1)) | (pr & ((1 << t) - 1))
     return m0, m0 + (1 << t)
 
@@ -115,13 +115,13 @@ def butterfly_primfunc(n: int, in_features: int, out_features: int):
                             v[0, m, T.ramp(0, 1, LANES)] = S[r, p % 2, T.ramp(base + (m << lh), 1, LANES)]
                         for t in T.unroll(3):
                             for pr in T.unroll(4):
-                                m0 = ((pr >> t) << (t + 1)) | (pr & ((1 << t) - 1))
+                                m0, m1 = _pair(t, pr)
                                 off = p * 6 * n + i * 384 + (t * 4 + pr) * 32
                                 a = v[t % 2, m0, T.ramp(0, 1, LANES)]
-                                c = v[t % 2, m0 + (1 << t), T.ramp(0, 1, LANES)]
+                                c = v[t % 2, m1, T.ramp(0, 1, LANES)]
                                 v[(t + 1) % 2, m0, T.ramp(0, 1, LANES)] = (
                                     stream[T.ramp(off, 1, LANES)] * a + stream[T.ramp(off + 8, 1, LANES)] * c)
-                                v[(t + 1) % 2, m0 + (1 << t), T.ramp(0, 1, LANES)] = (
+                                v[(t + 1) % 2, m1, T.ramp(0, 1, LANES)] = (
                                     stream[T.ramp(off + 16, 1, LANES)] * a + stream[T.ramp(off + 24, 1, LANES)] * c)
                         for m in T.unroll(8):
                             S[r, 1 - p % 2, T.ramp(base + (m << lh), 1, LANES)] = v[1, m, T.ramp(0, 1, LANES)]
@@ -134,14 +134,14 @@ def butterfly_primfunc(n: int, in_features: int, out_features: int):
                                 v[0, m, T.ramp(0, 1, LANES)] = S[r, radix8 % 2, T.ramp(base + m * tail_h, 1, LANES)]
                             for t in T.unroll(tail):
                                 for pr in T.unroll(tail_r // 2):
-                                    m0 = ((pr >> t) << (t + 1)) | (pr & ((1 << t) - 1))
+                                    m0, m1 = _pair(t, pr)
                                     off = tail_at + ((g * (tail_h // LANES) + kk) * tail * (tail_r // 2)
                                                      + t * (tail_r // 2) + pr) * 32
                                     a = v[t % 2, m0, T.ramp(0, 1, LANES)]
-                                    c = v[t % 2, m0 + (1 << t), T.ramp(0, 1, LANES)]
+                                    c = v[t % 2, m1, T.ramp(0, 1, LANES)]
                                     v[(t + 1) % 2, m0, T.ramp(0, 1, LANES)] = (
                                         stream[T.ramp(off, 1, LANES)] * a + stream[T.ramp(off + 8, 1, LANES)] * c)
-                                    v[(t + 1) % 2, m0 + (1 << t), T.ramp(0, 1, LANES)] = (
+                                    v[(t + 1) % 2, m1, T.ramp(0, 1, LANES)] = (
                                         stream[T.ramp(off + 16, 1, LANES)] * a
                                         + stream[T.ramp(off + 24, 1, LANES)] * c)
                             for m in T.unroll(tail_r):
