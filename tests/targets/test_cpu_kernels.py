@@ -68,11 +68,11 @@ def test_binary_gemm_cpu_is_exact(host, m, k, n):
     np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, bias, in_features=k))
 
 
+@pytest.mark.parametrize("lanes", [4, 8])  # 8 = the AVX-512 kernel's own TIR, legalized by LLVM for this CPU
 @pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (9, 4096, 48), (13, 64, 200)])
-def test_binary_gemm_vpopcnt_tir_is_exact(host, m, k, n):
+def test_binary_gemm_vpopcnt_tir_is_exact(host, m, k, n, lanes):
     from frugalrt.targets.kernels.cpu_binary_vpopcnt import VECS, repack_words, vpopcnt_gemm_primfunc
 
-    lanes = 4  # 256-bit vectors: LLVM expands the popcount on AVX2
     x = RNG.standard_normal((m, k)).astype(np.float32)
     x[0, : min(k, 5)] = 0.0
     w = ref.pack_bits(RNG.standard_normal((n, k)))
@@ -119,7 +119,8 @@ def test_vpopcnt_kernel_compiles_for_avx512_xeons():
     (1, 7, (12, 13), 5, (3, 3), (2, 3), (0, 2, 1, 0), False),
     (3, 64, (10, 21), 8, (3, 3), (1, 1), (1, 1, 1, 1), True),
 ])
-def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias):
+@pytest.mark.parametrize("lanes", [4, 8])  # 8: the AVX-512 (vpopcntq) variant's TIR, legalized by LLVM here
+def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias, lanes):
     from frugalrt.targets.kernels.cpu_binary_conv import binary_conv_primfunc, repack
 
     x = RNG.standard_normal((b, c, *hw)).astype(np.float32)
@@ -127,11 +128,11 @@ def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias
     wp = ref.pack_bits(RNG.standard_normal((o, c * kernel[0] * kernel[1])))
     scale = RNG.random(o).astype(np.float32) + 0.1
     b_vec = RNG.standard_normal(o).astype(np.float32) if bias else None
-    words, row_ids, corr = repack(wp, c, *kernel, *hw, strides, pads)
+    words, row_ids, corr = repack(wp, c, *kernel, *hw, strides, pads, lanes)
     o_pad = words.shape[-1]
     attrs = {"in_channels": c, "kernel_shape": kernel, "strides": strides, "pads": pads}
     expected = ref.binary_conv(x, wp, scale, b_vec, **attrs)
-    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, corr.shape[0]), host, x, words, row_ids, corr,
+    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, corr.shape[0], lanes), host, x, words, row_ids, corr,
             np.pad(scale, (0, o_pad - o)), np.zeros(o_pad, np.float32) if b_vec is None
             else np.pad(b_vec, (0, o_pad - o)), np.zeros(expected.shape, np.float32))
     np.testing.assert_array_equal(y, expected)
