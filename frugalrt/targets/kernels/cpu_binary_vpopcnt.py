@@ -4,7 +4,7 @@ There the plain XNOR-popcount is the fast path: ``vpxorq`` + ``vpopcntq`` + ``vp
 512 (row, output, bit) triples in 3 instructions, no tables needed. Weights are repacked at
 compile time into ``[N_pad / lanes, words, lanes]`` u64 so the inner loop streams one vector of
 ``lanes`` outputs per 64-bit word of K; a block of ``ROWS`` rows x ``VECS`` vectors stays in
-registers and reuses every weight load ``ROWS`` times. The same TIR with 4 lanes compiles for
+registers and reuses every weight load ``ROWS`` times. The same TIR with 4 or 8 lanes compiles for
 any AVX2 x86-64 (LLVM expands the popcount), which is how the tests check it on AVX2 machines.
 """
 from __future__ import annotations
