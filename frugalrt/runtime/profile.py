@@ -12,12 +12,13 @@ instruction count of one inference (qemu TCG plugin) is reported as the speed pr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -213,15 +214,22 @@ def profile(artifact_dir: str | os.PathLike, device: str = "local", runs: int = 
     finally:
         session.close()
     if baseline is not None:
-        from frugalrt.targets.compile import compile as compile_model
-
-        with tempfile.TemporaryDirectory(prefix="frugalrt-baseline-") as tmp:
-            progress(f"compiling baseline {baseline} for {artifact.target}")
-            compile_model(baseline, artifact.target, os.path.join(tmp, "baseline"), progress=progress)
-            report.baseline = profile(os.path.join(tmp, "baseline"), device, runs, warmup, None, count,
-                                      progress)
+        with compiled_baseline(baseline, artifact.target, progress) as path:
+            report.baseline = profile(path, device, runs, warmup, None, count, progress)
             report.baseline.artifact = str(baseline)
     return report
+
+
+@contextlib.contextmanager
+def compiled_baseline(model: str | os.PathLike, target: str, progress: Callable[[str], None]) -> Iterator[str]:
+    """``model`` (e.g. the dense equivalent) compiled for ``target`` into a temporary artifact."""
+    from frugalrt.targets.compile import compile as compile_model
+
+    with tempfile.TemporaryDirectory(prefix="frugalrt-baseline-") as tmp:
+        progress(f"compiling baseline {model} for {target}")
+        path = os.path.join(tmp, "baseline")
+        compile_model(model, target, path, progress=progress)
+        yield path
 
 
 def profile_many(artifact_dir: str | os.PathLike, tracker: str, devices: int, runs: int = 100,
@@ -267,12 +275,8 @@ def profile_emulated(artifact_dir: str | os.PathLike, board: str | None = None,
     progress(f"counting instructions of {artifact.path} under qemu")
     result = {"model": count_instructions(artifact, board)}
     if baseline is not None:
-        from frugalrt.targets.compile import compile as compile_model
-
-        with tempfile.TemporaryDirectory(prefix="frugalrt-baseline-") as tmp:
-            progress(f"compiling baseline {baseline} for {artifact.target}")
-            compile_model(baseline, artifact.target, os.path.join(tmp, "baseline"), progress=progress)
-            result["baseline"] = count_instructions(os.path.join(tmp, "baseline"), board)
+        with compiled_baseline(baseline, artifact.target, progress) as path:
+            result["baseline"] = count_instructions(path, board)
             result["baseline"]["artifact"] = str(baseline)
         result["instructions_ratio"] = result["baseline"]["instructions"] / result["model"]["instructions"]
     return result

@@ -141,6 +141,11 @@ def open_qemu(artifact: Artifact, device: str) -> QemuSession:
     return QemuSession(artifact, device)
 
 
+def _board_session(artifact, board: Optional[str], timeout: float = TIMEOUT_S) -> QemuSession:
+    """The firmware of ``artifact`` built for ``board`` (default: its target's own platform)."""
+    return QemuSession(_artifact(artifact), f"qemu:{board}" if board else "qemu", timeout)
+
+
 def count_instructions(artifact, board: Optional[str] = None, timeout: float = TIMEOUT_S) -> dict:
     """Deterministic count of the guest instructions one inference executes (batch 1).
 
@@ -148,11 +153,8 @@ def count_instructions(artifact, board: Optional[str] = None, timeout: float = T
     twice; the difference is exactly one ``model_run``, kernels and libm/libgcc helpers included,
     I/O and startup excluded. Instructions, not cycles: QEMU has no cycle model for these cores.
     """
-    artifact = _artifact(artifact)
-    platform = platform_of(artifact, f"qemu:{board}" if board else "qemu")
-    bundle = bundle_of(artifact)
-    plan = json.loads((bundle / "plan.json").read_text())
-    elf = build_firmware(bundle, platform)
+    session = _board_session(artifact, board, timeout)
+    artifact, platform, plan, elf = session.artifact, session.platform, session.plan, session.elf
     golden = artifact.golden()
     inputs = ([g[:1] for g in golden[0]] if golden else
               [np.zeros([1, *s[1:]], np.float32) for s in plan["inputs"]])
@@ -170,12 +172,9 @@ def count_instructions(artifact, board: Optional[str] = None, timeout: float = T
 
 def memory_report(artifact, board: Optional[str] = None) -> str:
     """The buffer plan and the flash/RAM of the built firmware, as a printable table."""
-    artifact = _artifact(artifact)
-    platform = platform_of(artifact, f"qemu:{board}" if board else "qemu")
-    bundle = bundle_of(artifact)
-    plan = json.loads((bundle / "plan.json").read_text())
-    plan.update(board=platform.name, estimate=check_fits(plan, platform),
-                measured=measure(build_firmware(bundle, platform), platform))
+    session = _board_session(artifact, board)
+    plan = dict(session.plan, board=session.platform.name, estimate=check_fits(session.plan, session.platform),
+                measured=measure(session.elf, session.platform))
     return format_table(plan)
 
 
