@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 
-from benchmarks.common import (case, compile_host_vm, dense_matmul_onnx, host_target, median_us, ort_runner,
-                               ort_session, tvm_median_us, vm_median_us)
+from benchmarks.common import (case, compile_host_vm, dense_matmul_onnx, host_target, ort_runner, ort_session,
+                               side_by_side, timer, tvm_timer)
 
 GEMMS = ((1, 4096, 4096), (64, 1024, 1024))
 CONV = (64, 56, 56, 64)  # C, H, W, O; 3x3, pad 1
@@ -28,13 +28,12 @@ def gemm_kernel(x, w_packed, scale, bias, xor_popcount: bool = False):
     k, n = x.shape[1], w_packed.shape[0]
     if xor_popcount:
         n_pad = -(-n // (4 * vp.VECS)) * 4 * vp.VECS
-        func, weights = vp.vpopcnt_gemm_primfunc(k, n, n_pad, 4), vp.repack_words(w_packed, n_pad, 4)
+        func, consts = vp.vpopcnt_gemm_primfunc(k, n, n_pad, 4), [vp.repack_words(w_packed, n_pad, 4),
+                                                                    *cpu_binary.padded_scale_bias(scale, bias, n_pad)]
     else:
-        n_pad = -(-n // cpu_binary.OUTS) * cpu_binary.OUTS
-        func, weights = cpu_binary.binary_gemm_primfunc(k, n, n_pad), cpu_binary.repack_weights(w_packed, n_pad)
+        func, consts = cpu_binary.kernel_inputs(w_packed, scale, bias, k)
     lib = tvm.compile(func, target=host_target())
-    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, weights, *cpu_binary.padded_scale_bias(scale, bias, n_pad),
-                                                       np.zeros((x.shape[0], n), np.float32))]
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, *consts, np.zeros((x.shape[0], n), np.float32))]
     lib(*args)
     return lib.mod, args
 
@@ -78,10 +77,11 @@ def run(args) -> list[dict]:
         xor_mod, xor_args = gemm_kernel(x, wp, scale, bias, xor_popcount=True)
         exact = bool(np.array_equal(targs[-1].numpy(), expected) and np.array_equal(xor_args[-1].numpy(), expected))
         xt, wt = torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(w.T))
-        times = {"frugalrt": tvm_median_us(mod, "main", targs, repeat)}
-        times["frugalrt XOR+popcount (AVX2)"] = tvm_median_us(xor_mod, "main", xor_args, repeat)
-        times["torch fp32 matmul"] = median_us(lambda: xt @ wt, repeat)
-        times["ORT fp32 MatMul"] = median_us(ort_runner(ort_session(dense_matmul_onnx(w.T)), x), repeat)
+        times = side_by_side({
+            "frugalrt": tvm_timer(mod, "main", targs),
+            "frugalrt XOR+popcount (AVX2)": tvm_timer(xor_mod, "main", xor_args),
+            "torch fp32 matmul": timer(lambda: xt @ wt),
+            "ORT fp32 MatMul": timer(ort_runner(ort_session(dense_matmul_onnx(w.T)), x))}, repeat)
         rows.append(case("binary", f"GEMM {m}x{k}x{n}", times,
                          {"exact": exact, "binary_gmacs": m * k * n / times["frugalrt"] / 1e3}))
         print(f"binary GEMM {m}x{k}x{n}: done (exact: {exact})", file=sys.stderr)
@@ -94,9 +94,10 @@ def run(args) -> list[dict]:
     exact = bool(np.array_equal(vm["main"](xt_tvm).numpy(),
                                 binary_conv(x, wp, scale, in_channels=c, kernel_shape=[3, 3], pads=[1, 1, 1, 1])))
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-    times = {"frugalrt": vm_median_us(vm, [xt_tvm], repeat)}
-    times["torch fp32 conv2d"] = median_us(lambda: torch.nn.functional.conv2d(xt, wt, padding=1), repeat)
-    times["ORT fp32 Conv"] = median_us(ort_runner(ort_session(conv_fp32_onnx(w)), x), repeat)
+    times = side_by_side({
+        "frugalrt": tvm_timer(vm, "main", [xt_tvm]),
+        "torch fp32 conv2d": timer(lambda: torch.nn.functional.conv2d(xt, wt, padding=1)),
+        "ORT fp32 Conv": timer(ort_runner(ort_session(conv_fp32_onnx(w)), x))}, repeat)
     rows.append(case("binary", f"conv3x3 {h}x{wd}x{c}->{o}", times,
                      {"exact": exact, "binary_gmacs": h * wd * o * c * 9 / times["frugalrt"] / 1e3}))
     print(f"binary conv: done (exact: {exact})", file=sys.stderr)

@@ -14,8 +14,8 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.common import (case, dense_matmul_onnx, host_target, median_us, ort_runner, ort_session,
-                               tvm_median_us)
+from benchmarks.common import (case, dense_matmul_onnx, host_target, ort_runner, ort_session, side_by_side, timer,
+                               tvm_timer)
 
 SIZES, BATCHES = (1024, 4096), (1, 64)
 
@@ -85,14 +85,15 @@ def run(args) -> list[dict]:
             error = float(np.abs(targs[-1].numpy() - expected).max() / np.abs(expected).max())
             xt, tw_t = torch.from_numpy(x), torch.from_numpy(twiddles)
             xf, xc = np.asfortranarray(x.T), x.astype(np.complex64)
-            times = {"frugalrt": tvm_median_us(mod, "main", targs, repeat)}
             with torch.no_grad():
-                times["torch nn.Linear (dense)"] = median_us(lambda: dense(xt), repeat)
-                times["naive torch stage loop"] = median_us(lambda: butterfly_dense_path(xt, tw_t, None, n), repeat)
-            times["ORT dense MatMul"] = median_us(ort_runner(ort_dense, x), repeat)
-            times["ORT portable export"] = median_us(ort_runner(ort_portable, x), repeat)
-            times["pyfaust (opt_butterfly_faust)"] = median_us(lambda: faust @ xf, repeat) if faust else float("nan")
-            times["scipy FFT c64 (floor)"] = median_us(lambda: scipy.fft.fft(xc, axis=1, workers=1), repeat)
+                times = side_by_side({
+                    "frugalrt": tvm_timer(mod, "main", targs),
+                    "torch nn.Linear (dense)": timer(lambda: dense(xt)),
+                    "naive torch stage loop": timer(lambda: butterfly_dense_path(xt, tw_t, None, n)),
+                    "ORT dense MatMul": timer(ort_runner(ort_dense, x)),
+                    "ORT portable export": timer(ort_runner(ort_portable, x)),
+                    **({"pyfaust (opt_butterfly_faust)": timer(lambda: faust @ xf)} if faust else {}),
+                    "scipy FFT c64 (floor)": timer(lambda: scipy.fft.fft(xc, axis=1, workers=1))}, repeat)
             rows.append(case("butterfly", f"N={n} batch={batch}", times, {"max_rel_error": error}))
             print(f"butterfly N={n} batch={batch}: done (rel. error {error:.1e})", file=sys.stderr)
     return rows

@@ -12,7 +12,7 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.common import case, compile_host_vm, median_us, ort_runner, ort_session, vm_median_us
+from benchmarks.common import case, compile_host_vm, ort_runner, ort_session, side_by_side, timer, tvm_timer
 
 
 def load_example():
@@ -42,12 +42,13 @@ def run(args) -> list[dict]:
         xb = x[:batch].numpy()
         xt = tvm.runtime.tensor(xb, tvm.cpu())
         agree = float(np.abs(vm["main"](xt).numpy() - model(x[:batch]).detach().numpy()).max())
-        times = {"frugalrt": vm_median_us(vm, [xt], repeat)}
-        times["ORT portable export"] = median_us(ort_runner(ort_session(portable), xb), repeat)
-        times["ORT dense model"] = median_us(ort_runner(ort_session(dense_onnx), xb), repeat)
         with torch.no_grad():
-            times["torch dense model"] = median_us(lambda: dense(x[:batch]), repeat)
-            times["torch frugal model (eager)"] = median_us(lambda: model(x[:batch]), repeat)
+            times = side_by_side({
+                "frugalrt": tvm_timer(vm, "main", [xt]),
+                "ORT portable export": timer(ort_runner(ort_session(portable), xb)),
+                "ORT dense model": timer(ort_runner(ort_session(dense_onnx), xb)),
+                "torch dense model": timer(lambda: dense(x[:batch])),
+                "torch frugal model (eager)": timer(lambda: model(x[:batch]))}, repeat)
         rows.append(case("model", f"digits batch={batch}", times, {"max_abs_vs_torch": agree}))
         print(f"model batch={batch}: done (max abs vs torch {agree:.1e})", file=sys.stderr)
     return rows

@@ -1,8 +1,8 @@
 """Shared benchmark plumbing: one thread everywhere, warm-up, medians, side-by-side ratios, tables.
 
-Every case times all its implementations in the same process, one after the other, so the
-ratios (``baseline time / frugalrt time``, > 1 means frugalrt is faster) are comparable even on
-a shared, noisy machine where absolute times drift.
+Every case times all its implementations in the same process, one sample of each in turn
+(:func:`side_by_side`), so the ratios (``baseline time / frugalrt time``, > 1 means frugalrt is
+faster) are comparable even on a shared, noisy machine where absolute times drift.
 """
 from __future__ import annotations
 
@@ -24,30 +24,43 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def median_us(fn: Callable[[], object], repeat: int = 30, warmup: int = 3, min_s: float = 2e-3) -> float:
-    """Median wall time of one call in µs: ``repeat`` samples, each looping long enough (>= min_s)."""
+def timer(fn: Callable[[], object], warmup: int = 3, min_s: float = 2e-3) -> Callable[[], float]:
+    """A sampler of ``fn``: each call returns µs per call over a loop long enough (>= min_s), after one
+    untimed call (as TVM's ``time_evaluator`` does) so that no sample starts on caches another left cold."""
     for _ in range(warmup):
         fn()
     start, number = time.perf_counter(), 0
     while time.perf_counter() - start < min_s or number == 0:
         fn()
         number += 1
-    samples = []
-    for _ in range(repeat):
+
+    def sample() -> float:
+        fn()
         t = time.perf_counter()
         for _ in range(number):
             fn()
-        samples.append((time.perf_counter() - t) / number)
-    return statistics.median(samples) * 1e6
+        return (time.perf_counter() - t) / number * 1e6
+
+    return sample
 
 
-def tvm_median_us(module, name: str, args: list, repeat: int = 30) -> float:
-    """Median of TVM's ``time_evaluator`` (C++ timing loop, preallocated tensors, no conversions)."""
+def tvm_timer(module, name: str, args: list) -> Callable[[], float]:
+    """A sampler of TVM's ``time_evaluator`` (C++ timing loop, preallocated tensors, no conversions)."""
     import tvm
 
-    evaluator = module.time_evaluator(name, tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=2)
+    evaluator = module.time_evaluator(name, tvm.cpu(), number=1, repeat=1, min_repeat_ms=2)
     evaluator(*args)  # warm-up
-    return statistics.median(evaluator(*args).results) * 1e6
+    return lambda: evaluator(*args).results[0] * 1e6
+
+
+def side_by_side(samplers: dict[str, Callable[[], float]], repeat: int = 30) -> dict[str, float]:
+    """Median µs of each sampler, taken round-robin: drift on a shared machine hits every implementation
+    alike, so the ratios hold even when absolute times move."""
+    samples: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(repeat):
+        for name, sample in samplers.items():
+            samples[name].append(sample())
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def host_target():
@@ -100,10 +113,6 @@ def compile_host_vm(model):
         artifact = frt_compile.compile(path, "host", os.path.join(tmp, "artifact"))
         lib = tvm.runtime.load_module(str(artifact.lib_path))
     return relax.VirtualMachine(lib, tvm.cpu()), lib
-
-
-def vm_median_us(vm, args: list, repeat: int = 30) -> float:
-    return tvm_median_us(vm, "main", args, repeat)
 
 
 def case(bench: str, name: str, times: dict[str, float], extra: dict | None = None) -> dict:

@@ -49,10 +49,12 @@ def test_butterfly_cpu_matches_reference(host, n, width, out, batch):
     assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("split", [True, False])  # one nibble per byte / two (large weights)
 @pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (4, 1000, 64), (9, 4096, 48), (13, 64, 2000),
-                                   (3, 200, 96), (6, 1024, 320)])  # 6 blocks; 20 blocks: two weight groups
-def test_binary_gemm_cpu_is_exact(host, m, k, n):
-    from frugalrt.targets.kernels.cpu_binary import OUTS, binary_gemm_primfunc, has_avx2, repack_weights
+                                   (3, 200, 96), (6, 1024, 320)])
+def test_binary_gemm_cpu_is_exact(host, m, k, n, split):
+    from frugalrt.targets.kernels.cpu_binary import (OUTS, binary_gemm_primfunc, has_avx2, nibble_tables,
+                                                     padded_scale_bias, repack_weights)
 
     if not has_avx2(host):
         pytest.skip("host CPU has no AVX2: the generic kernel serves it (tests/targets/test_kernels.py)")
@@ -61,11 +63,34 @@ def test_binary_gemm_cpu_is_exact(host, m, k, n):
     w = ref.pack_bits(RNG.standard_normal((n, k)))
     scale, bias = RNG.random(n).astype(np.float32) + 0.1, RNG.standard_normal(n).astype(np.float32)
     n_pad = -(-n // OUTS) * OUTS
-    scale_p, bias_p = np.zeros(n_pad, np.float32), np.zeros(n_pad, np.float32)
-    scale_p[:n], bias_p[:n] = scale, bias
-    y = run(binary_gemm_primfunc(k, n, n_pad), host, x, repack_weights(w, n_pad), scale_p, bias_p,
-            np.zeros((m, n), np.float32))
+    y = run(binary_gemm_primfunc(k, n, n_pad, split), host, x, repack_weights(w, n_pad, split), nibble_tables(),
+            *padded_scale_bias(scale, bias, n_pad), np.zeros((m, n), np.float32))
     np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, bias, in_features=k))
+
+
+def test_nibble_tables_count_differing_bits():
+    from frugalrt.targets.kernels.cpu_binary import nibble_tables
+
+    tables = nibble_tables()
+    for byte in (0x00, 0x5A, 0xF3):
+        for lane in range(32):
+            nibble = byte & 15 if lane < 16 else byte >> 4
+            assert tables[byte, lane] == bin(nibble ^ (lane % 16)).count("1")
+
+
+def test_binary_gemm_cpu_all_differing_bits_stay_exact(host):
+    """x = -w everywhere: every step adds its maximum (8), the worst case for the u8 accumulators."""
+    from frugalrt.targets.kernels.cpu_binary import has_avx2, kernel_inputs
+
+    if not has_avx2(host):
+        pytest.skip("host CPU has no AVX2")
+    w = RNG.standard_normal((32, 2048)).astype(np.float32)
+    x = -w[:5].copy()
+    wp, scale = ref.pack_bits(w), np.ones(32, np.float32)
+    func, consts = kernel_inputs(wp, scale, None, 2048)
+    y = run(func, host, x, *consts, np.zeros((5, 32), np.float32))
+    np.testing.assert_array_equal(y, ref.binary_gemm(x, wp, scale, None, in_features=2048))
+    assert (y[np.arange(5), np.arange(5)] == -2048).all()
 
 
 @pytest.mark.parametrize("lanes", [4, 8])  # 8 = the AVX-512 kernel's own TIR, legalized by LLVM for this CPU
@@ -179,14 +204,14 @@ def test_lowerings_pick_the_cpu_kernels_on_host(host):
         assert ("frugalrt_binary_conv_cpu" in {gv.name_hint for gv in bb.get().functions}) == fast
 
 
-def test_binary_gemm_with_huge_k_stays_exact(host):
-    """K = 2^17 would overflow the table kernel's u16 counters: the x86 entry must fall back."""
+@pytest.mark.parametrize("k", [65520, 65536])  # the table kernel's u16 counters reach 65520; beyond, the fallback
+def test_binary_gemm_with_huge_k_stays_exact(host, k):
+    """Every bit differs: the counters reach K. The x86 entry must not let them overflow."""
     import tvm
     from tvm import relax
 
     from frugalrt.targets.kernels import get_lowering
 
-    k = 1 << 17
     x = -np.ones((1, k), np.float32)  # every bit differs from the all-positive weights: S = -K
     w, scale = ref.pack_bits(np.ones((2, k))), np.ones(2, np.float32)
     bb = relax.BlockBuilder()

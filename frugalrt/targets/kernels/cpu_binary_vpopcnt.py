@@ -64,7 +64,7 @@ def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
         xw = T.alloc_buffer((batch, words), "uint64")
         acc = T.alloc_buffer((ROWS, VECS, lanes), "uint64", scope="local")
         for row in range(batch):  # sign bytes, then little-endian u64 words
-            pack(X, xbits, row)
+            pack(X, xbits, row, 0)
             for q in range(words):
                 xw[row, q] = T.uint64(0)
                 for t in T.unroll(8):
