@@ -1,6 +1,7 @@
 """Butterfly N x N, batch 1 and 64: frugalrt's compiled kernel vs dense, pyfaust, naive stages, FFT.
 
-frugalrt: the host kernel (``cpu_butterfly``) called through TVM's timer on preallocated tensors.
+frugalrt: a one-node Butterfly model compiled by ``frugalrt.compile`` for ``host`` (``cpu_butterfly``)
+and timed through the Relax VM, i.e. what a user's artifact runs.
 Baselines: torch ``nn.Linear`` (dense), ONNX Runtime dense MatMul, the portable standard-op export
 of the same layer in ONNX Runtime, pyfaust's butterfly-optimized Faust (``opt_butterfly_faust``),
 a naive PyTorch stage loop (the eager ``butterfly_dense_path``), and scipy's complex FFT of the same N
@@ -14,8 +15,8 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.common import (case, dense_matmul_onnx, host_target, ort_runner, ort_session, side_by_side, timer,
-                               tvm_timer)
+from benchmarks.common import (case, compile_host_vm, dense_matmul_onnx, ort_runner, ort_session, side_by_side,
+                               timer, tvm_timer)
 
 SIZES, BATCHES = (1024, 4096), (1, 64)
 
@@ -39,26 +40,13 @@ def pyfaust_product(twiddles):
     return pyfaust.opt_butterfly_faust(pyfaust.Faust(mats[::-1]))
 
 
-def frugalrt_kernel(twiddles, x):
-    import tvm
-
-    from frugalrt.targets.kernels.butterfly import stage_coefficients
-    from frugalrt.targets.kernels.cpu_butterfly import butterfly_primfunc, repack
-
-    n = 2 * twiddles.shape[1]
-    blocks, stream = repack(*stage_coefficients(twiddles))
-    lib = tvm.compile(butterfly_primfunc(n, n, n), target=host_target())
-    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, blocks, stream, np.zeros(n, np.float32),
-                                                       np.zeros_like(x))]
-    lib(*args)
-    return lib.mod, args
-
-
 def run(args) -> list[dict]:
     import scipy.fft
     import torch
+    import tvm
 
     import frugalrt
+    from frugalrt.export.single_op import single_op_model
     from frugalrt.nn import ButterflyLinear
     from frugalrt.nn.ops import butterfly_dense_path
     from frugalrt.runtime.reference import butterfly
@@ -78,16 +66,17 @@ def run(args) -> list[dict]:
             portable = frugalrt.export(layer, (torch.randn(2, n),), os.path.join(tmp, "b.onnx"), portable=True)
         ort_portable = ort_session(portable)
         faust = pyfaust_product(twiddles)
+        vm, _ = compile_host_vm(single_op_model("Butterfly", [n], {"twiddles": twiddles}, {"out_features": n}))
         for batch in BATCHES:
             x = np.random.default_rng(0).standard_normal((batch, n)).astype(np.float32)
-            mod, targs = frugalrt_kernel(twiddles, x)
+            xt_tvm = tvm.runtime.tensor(x, tvm.cpu())
             expected = butterfly(x, twiddles, out_features=n)
-            error = float(np.abs(targs[-1].numpy() - expected).max() / np.abs(expected).max())
+            error = float(np.abs(vm["main"](xt_tvm).numpy() - expected).max() / np.abs(expected).max())
             xt, tw_t = torch.from_numpy(x), torch.from_numpy(twiddles)
             xf, xc = np.asfortranarray(x.T), x.astype(np.complex64)
             with torch.no_grad():
                 times = side_by_side({
-                    "frugalrt": tvm_timer(mod, "main", targs),
+                    "frugalrt": tvm_timer(vm, "main", [xt_tvm]),
                     "torch nn.Linear (dense)": timer(lambda: dense(xt)),
                     "naive torch stage loop": timer(lambda: butterfly_dense_path(xt, tw_t, None, n)),
                     "ORT dense MatMul": timer(ort_runner(ort_dense, x)),

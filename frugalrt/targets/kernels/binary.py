@@ -17,7 +17,7 @@ from tvm import relax, te, tirx
 from frugalrt.errors import UnsupportedOpError
 from frugalrt.targets.kernels import (conv_output_shape, pack_words, pick_kernel, register_lowering, taps_inside,
                                       word_bits)
-from frugalrt.targets.kernels.cpu_binary import emit_binary_gemm_x86
+from frugalrt.targets.kernels.cpu_binary import emit_binary_gemm_aarch64, emit_binary_gemm_x86
 from frugalrt.targets.kernels.cpu_binary_conv import emit_binary_conv_x86
 from frugalrt.targets.kernels.schedules import emit_kernel
 
@@ -144,7 +144,7 @@ class BinaryGemmLowering:
     # target family -> kernel: emit(bb, x, w_packed, scale, bias, k, target) -> relax.Expr, with the
     # op's [N, ceil(K/8)] uint8 weights (each kernel repacks them for itself).
     # PERF: put fast CPU kernels (kernels/cpu_*.py) here under "x86" / "aarch64" / "arm" / "cpu".
-    KERNELS = {"generic": emit_gemm_generic, "x86": emit_binary_gemm_x86}
+    KERNELS = {"generic": emit_gemm_generic, "x86": emit_binary_gemm_x86, "aarch64": emit_binary_gemm_aarch64}
 
     def emit(self, bb, inputs: list, consts: dict[str, np.ndarray], attrs: dict[str, Any], target):
         w, scale, bias = _binary_consts("BinaryGemm", inputs, consts)

@@ -141,9 +141,11 @@ def binary_conv_primfunc(c: int, h: int, w: int, o: int, kh: int, kw: int, strid
         X = T.match_buffer(x, (batch, c, h, w), "float32")
         Y = T.match_buffer(y, (batch, o, oh, ow), "float32")
         xb = T.alloc_buffer((batch, hp, cw, sw, wq), "uint64")  # column xx at [xx % sw, xx // sw]
-        acc = T.alloc_buffer((OUTS, PIXEL_VECS, lanes), "uint64", scope="local")
-        acc8 = T.alloc_buffer((OUTS, PIXEL_VECS, 32), "uint8", scope="local")
-        bits = T.alloc_buffer((2, pack), "uint32", scope="local")
+        # register blocks: under 1 KiB and global scope, so a stack array that LLVM keeps in
+        # registers ("local" scope or more bytes would go to TVMBackendAllocWorkspace, heap memory)
+        acc = T.alloc_buffer((OUTS, PIXEL_VECS, lanes), "uint64")
+        acc8 = T.alloc_buffer((OUTS, PIXEL_VECS, 32), "uint8")
+        bits = T.alloc_buffer((2, pack), "uint32")
         for b in range(batch):  # sign bits along C per pixel (pad pixels and pad bits: 0)
             for yy in range(hp):
                 for q in range(cw):

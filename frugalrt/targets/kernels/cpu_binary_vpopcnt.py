@@ -62,7 +62,9 @@ def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
         Y = T.match_buffer(y, (batch, n), "float32")
         xbits = T.alloc_buffer((words * 8,), "uint8")
         xw = T.alloc_buffer((batch, words), "uint64")
-        acc = T.alloc_buffer((ROWS, VECS, lanes), "uint64", scope="local")
+        # register blocks: under 1 KiB and global scope, so a stack array that LLVM keeps in
+        # registers ("local" scope or more bytes would go to TVMBackendAllocWorkspace, heap memory)
+        acc = T.alloc_buffer((ROWS, VECS, lanes), "uint64")
         for row in range(batch):  # sign bytes, then little-endian u64 words
             pack(X, xbits, row, 0)
             for q in range(words):

@@ -95,10 +95,12 @@ def butterfly_primfunc(n: int, in_features: int, out_features: int):
         X = T.match_buffer(x, (batch, in_features), "float32")
         Y = T.match_buffer(y, (batch, out_features), "float32")
         S = T.alloc_buffer((ROWS, 2, n), "float32")
-        acc = T.alloc_buffer((b0,), "float32", scope="local")
-        v = T.alloc_buffer((2, 8, LANES), "float32", scope="local")
+        # register blocks: under 1 KiB and global scope, so a stack array that LLVM keeps in
+        # registers ("local" scope or more bytes would go to TVMBackendAllocWorkspace, heap memory)
+        acc = T.alloc_buffer((b0,), "float32")
+        v = T.alloc_buffer((2, 8, LANES), "float32")
         for tile in range((batch + ROWS - 1) // ROWS):
-            rows = T.min(batch - tile * ROWS, ROWS)
+            rows: T.let[T.int64] = T.min(batch - tile * ROWS, ROWS)
             for g in range(n // b0):  # stages 0..first-1: dense b0 x b0 blocks
                 for r in range(rows):
                     acc[T.ramp(0, 1, b0)] = T.broadcast(T.float32(0), b0)
@@ -109,16 +111,17 @@ def butterfly_primfunc(n: int, in_features: int, out_features: int):
             for p in range(radix8):  # three stages per pass, h = 2^(first + 3p) >= 8
                 for i in range(chunks):
                     for r in range(rows):  # the rows of a tile share this chunk's coefficients (in L1)
-                        lh = first + 3 * p
-                        base = ((i >> (lh - 3)) << (lh + 3)) + (i & ((1 << (lh - 3)) - 1)) * LANES
+                        lh: T.let[T.int32] = first + 3 * p
+                        base: T.let[T.int32] = ((i >> (lh - 3)) << (lh + 3)) + (i & ((1 << (lh - 3)) - 1)) * LANES
                         for m in T.unroll(8):
                             v[0, m, T.ramp(0, 1, LANES)] = S[r, p % 2, T.ramp(base + (m << lh), 1, LANES)]
                         for t in T.unroll(3):
                             for pr in T.unroll(4):
-                                m0, m1 = _pair(t, pr)
-                                off = p * 6 * n + i * 384 + (t * 4 + pr) * 32
-                                a = v[t % 2, m0, T.ramp(0, 1, LANES)]
-                                c = v[t % 2, m1, T.ramp(0, 1, LANES)]
+                                m0: T.let[T.int32] = _pair(t, pr)[0]
+                                m1: T.let[T.int32] = _pair(t, pr)[1]
+                                off: T.let[T.int32] = p * 6 * n + i * 384 + (t * 4 + pr) * 32
+                                a: T.let[T.float32x8] = v[t % 2, m0, T.ramp(0, 1, LANES)]
+                                c: T.let[T.float32x8] = v[t % 2, m1, T.ramp(0, 1, LANES)]
                                 v[(t + 1) % 2, m0, T.ramp(0, 1, LANES)] = (
                                     stream[T.ramp(off, 1, LANES)] * a + stream[T.ramp(off + 8, 1, LANES)] * c)
                                 v[(t + 1) % 2, m1, T.ramp(0, 1, LANES)] = (
@@ -129,16 +132,17 @@ def butterfly_primfunc(n: int, in_features: int, out_features: int):
                 for g in range(n // (tail_r * tail_h)):
                     for kk in range(tail_h // LANES):
                         for r in range(rows):
-                            base = g * tail_r * tail_h + kk * LANES
+                            base: T.let[T.int32] = g * tail_r * tail_h + kk * LANES
                             for m in T.unroll(tail_r):
                                 v[0, m, T.ramp(0, 1, LANES)] = S[r, radix8 % 2, T.ramp(base + m * tail_h, 1, LANES)]
                             for t in T.unroll(tail):
                                 for pr in T.unroll(tail_r // 2):
-                                    m0, m1 = _pair(t, pr)
-                                    off = tail_at + ((g * (tail_h // LANES) + kk) * tail * (tail_r // 2)
-                                                     + t * (tail_r // 2) + pr) * 32
-                                    a = v[t % 2, m0, T.ramp(0, 1, LANES)]
-                                    c = v[t % 2, m1, T.ramp(0, 1, LANES)]
+                                    m0: T.let[T.int32] = _pair(t, pr)[0]
+                                    m1: T.let[T.int32] = _pair(t, pr)[1]
+                                    off: T.let[T.int32] = tail_at + ((g * (tail_h // LANES) + kk) * tail * (tail_r // 2)
+                                                                     + t * (tail_r // 2) + pr) * 32
+                                    a: T.let[T.float32x8] = v[t % 2, m0, T.ramp(0, 1, LANES)]
+                                    c: T.let[T.float32x8] = v[t % 2, m1, T.ramp(0, 1, LANES)]
                                     v[(t + 1) % 2, m0, T.ramp(0, 1, LANES)] = (
                                         stream[T.ramp(off, 1, LANES)] * a + stream[T.ramp(off + 8, 1, LANES)] * c)
                                     v[(t + 1) % 2, m1, T.ramp(0, 1, LANES)] = (
