@@ -140,12 +140,12 @@ def binary_gemm_primfunc(k: int, n: int, n_pad: int, split: bool = True, isa: st
     flushes = -(-q_steps // FLUSH)
     pack = sign_bytes(k, nbytes, movmsk=isa == "x86")
     lanes = LOOKUPS[isa][1]
-
-    def part(p):  # not a TIR ``let``: a vector bound to a variable would turn loads into gathers
-        return T.ramp(p * lanes, 1, lanes)
     unit = max(tile_cols, row_cols)
     w_shape = (blocks, q_steps, 2, 32) if split else (blocks, q_steps, 32)
     vec, half = T.ramp(0, 1, 32), T.ramp(0, 1, 16)
+
+    def part(p):  # an index written out, not a TIR ``let``: a vector bound to a variable makes gathers
+        return T.ramp(p * lanes, 1, lanes)
 
     @T.macro
     def load_weights(W, wlo, whi, b, c, q):
@@ -158,7 +158,8 @@ def binary_gemm_primfunc(k: int, n: int, n_pad: int, split: bool = True, isa: st
 
     @T.macro
     def output(Y, acc16, scale, bias, row, r, c, base, j):
-        Y[row, base + j] = unfused(T.Cast("float32", k - 2 * T.Cast("int32", acc16[r, c, j])) * scale[base + j]) + bias[base + j]
+        Y[row, base + j] = unfused(T.Cast("float32", k - 2 * T.Cast("int32", acc16[r, c, j]))
+                                   * scale[base + j]) + bias[base + j]
 
     @T.macro
     def rows_block(W, tab, xbits, rtab, scale, bias, Y, acc8, acc16, wlo, whi, first_row, nrows, cols):
@@ -179,7 +180,8 @@ def binary_gemm_primfunc(k: int, n: int, n_pad: int, split: bool = True, isa: st
                     for r in T.unroll(nrows):
                         for c in T.unroll(cols):
                             for p in T.unroll(32 // lanes):  # 16-byte parts on AArch64
-                                acc8[r, c, part(p)] = (acc8[r, c, part(p)] + _lookup(rtab[r, q, 0, part(p)], wlo[c, part(p)], isa)
+                                acc8[r, c, part(p)] = (acc8[r, c, part(p)]
+                                                       + _lookup(rtab[r, q, 0, part(p)], wlo[c, part(p)], isa)
                                                        + _lookup(rtab[r, q, 1, part(p)], whi[c, part(p)], isa))
                 for r in T.unroll(nrows):  # widen; the two lanes hold two K groups of the same 16 outputs
                     for c in T.unroll(cols):
@@ -232,8 +234,8 @@ def kernel_inputs(w_bytes: np.ndarray, scale: np.ndarray, bias: np.ndarray | Non
     n = w_bytes.shape[0]
     n_pad = -(-n // OUTS) * OUTS
     split = splits_weights(k, n_pad)
-    return binary_gemm_primfunc(k, n, n_pad, split, isa), [repack_weights(w_bytes, n_pad, split), nibble_tables(),
-                                                      *padded_scale_bias(scale, bias, n_pad)]
+    consts = [repack_weights(w_bytes, n_pad, split), nibble_tables(), *padded_scale_bias(scale, bias, n_pad)]
+    return binary_gemm_primfunc(k, n, n_pad, split, isa), consts
 
 
 def emit_binary_gemm_cpu(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
@@ -266,8 +268,9 @@ def has_avx2(target) -> bool:
 
 def emit_binary_gemm_x86(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
                          bias: np.ndarray | None, k: int, target) -> relax.Expr:
-    """Lowering entry (``BinaryGemmLowering.KERNELS["x86"]``): XOR + ``vpopcntq`` with AVX-512 VPOPCNTDQ, else the table-lookup kernel with AVX2
-    (``vpshufb`` on 256 bits) while its u16 counters cannot overflow, else the generic kernel."""
+    """Lowering entry (``BinaryGemmLowering.KERNELS["x86"]``): XOR + ``vpopcntq`` with AVX-512 VPOPCNTDQ,
+    else the table-lookup kernel with AVX2 (``vpshufb`` on 256 bits) while its u16 counters cannot
+    overflow, else the generic kernel."""
     from frugalrt.targets.kernels import cpu_binary_vpopcnt  # imports this module
 
     if cpu_binary_vpopcnt.has_vpopcntdq(target):
