@@ -1,13 +1,18 @@
 """``frugalrt`` command line: a thin layer over the Python API.
 
 Each subcommand is a function registered with :func:`command`; it receives parsed arguments and
-returns an exit code. Errors derived from :class:`FrugalError` print one clear line and exit 2.
+returns an exit code. Every error is one line on stderr and a non-zero exit (2; 130 when
+interrupted): a :class:`FrugalError` prints its message, anything else its type and message, and
+``--debug`` adds the traceback. SIGTERM is handled like Ctrl-C, so outputs being written are
+removed (``frugalrt._atomic``).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from typing import Callable
+import warnings
+from typing import Callable, NoReturn
 
 from frugalrt.errors import FrugalError
 
@@ -25,26 +30,63 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
     return wrap
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the default prints the usage block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frugalrt", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="frugalrt", description=__doc__.splitlines()[0])
+    debug = dict(action="store_true", help="on error, print the full traceback")
+    parser.add_argument("--debug", **debug)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (help_, configure, fn) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_)
+        p.add_argument("--debug", **{**debug, "default": argparse.SUPPRESS})
         configure(p)
         p.set_defaults(_handler=fn)
     return parser
 
 
+def _terminate(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed in one line
+        return int(e.code or 0)
+    if not args.debug:  # library deprecation chatter is not the user's business; --debug shows it
+        warnings.simplefilter("ignore")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args._handler(args) or 0)
-    except FrugalError as e:
-        print(f"frugalrt {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"frugalrt {args.command}: interrupted (nothing half-written was left)", file=sys.stderr)
         return 130
+    except BaseException as e:  # noqa: BLE001  (SystemExit included: a library must not end the CLI silently)
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            return 0
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"frugalrt {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(error: BaseException) -> str:
+    """A FrugalError's own message; for anything else, its type, first line and a --debug hint."""
+    text = " ".join(str(error).split()) if isinstance(error, FrugalError) else str(error).strip()
+    if isinstance(error, FrugalError):
+        return text
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {first[:300]} (unexpected; rerun with --debug for the traceback)"
 
 
 # --- subcommands (each section owned by one area: export, targets, runtime, devices, nn) ---------
@@ -53,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE",
                    help="file.py:factory (factory() returns (model, example_inputs); default factory: build) "
-                        "or a torch.export .pt2 archive with example inputs")
-    p.add_argument("--out", required=True, help="ONNX file to write (atomically)")
+                        "or a torch.export .pt2 archive with example inputs. A file.py SOURCE is RUN as Python "
+                        "code (like `python file.py`): export only files you trust. A .pt2 archive is loaded "
+                        "weights-only (no pickled code runs)")
+    p.add_argument("--out", required=True, help="ONNX file to write (atomically); an existing file is replaced "
+                   "only if it is a .onnx file")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not a .onnx file")
     p.add_argument("--portable", action="store_true",
                    help="standard ONNX ops only (binary weights stay bit-packed), for any ONNX runtime")
     p.add_argument("--batch-check", action="store_true",
@@ -65,15 +111,21 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     import time
 
+    import os
+
     import torch
 
+    from frugalrt._atomic import check_output
     from frugalrt.export.exporter import export, frozen_copy
     from frugalrt.export.source import load_source
     from frugalrt.export.summary import summarize
     from frugalrt.runtime import ort
-    from frugalrt.runtime.validate import ATOL, compare
+    from frugalrt.runtime.validate import ATOL, accumulation_length, compare
 
     start = time.perf_counter()
+    source = args.source.partition(":")[0] if not os.path.exists(args.source) else args.source
+    out = dict(protect=[source], force=args.force)
+    check_output(args.out, inputs=[source], force=args.force, suffixes=(".onnx",))  # before training
 
     def step(text: str) -> None:
         print(f"[{time.perf_counter() - start:6.1f}s] {text}", file=sys.stderr, flush=True)
@@ -82,7 +134,7 @@ def _export(args: argparse.Namespace) -> int:
     model, inputs = load_source(args.source)
     step(f"exporting {type(model).__name__} to {args.out} "
          f"({'standard ops only' if args.portable else 'ai.frugalrt custom ops'}) and checking it (onnx.checker)")
-    proto = export(model, inputs, args.out, portable=args.portable)
+    proto = export(model, inputs, args.out, portable=args.portable, **out)
     step("comparing ONNX Runtime with PyTorch")
     print(summarize(args.out).format())
     model = frozen_copy(model)
@@ -90,18 +142,18 @@ def _export(args: argparse.Namespace) -> int:
     if args.batch_check:
         batches["batch 1"] = tuple(t[:1] for t in inputs)
         batches["batch x2"] = tuple(torch.cat([t, t]) for t in inputs)
-    session, passed = ort.make_session(proto), True
+    session, passed, length = ort.make_session(proto), True, accumulation_length(proto)
     print("ONNX Runtime vs PyTorch   batch  output   max abs     max rel   argmax agree")
     for name, batch in batches.items():
         with torch.no_grad():
             want = [t.numpy() for t in torch.utils._pytree.tree_leaves(model(*batch))]
         got = ort.run(session, [t.numpy() for t in batch])
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            a = compare(str(i), g, w, "float", rtol=1e-5, atol=ATOL)
+            a = compare(str(i), g, w, "float", rtol=1e-5, atol=ATOL, accumulation=length)
             passed &= a.passed
             argmax = "-" if a.argmax_agreement is None else f"{a.argmax_agreement:.1%}"
             print(f"  {name:<22} {len(batch[0]):>5}  {i:>6}  {a.max_abs:10.3g}  {a.max_rel:10.3g}   "
-                  f"{argmax:>6}  {'ok' if a.passed else 'MISMATCH (rtol 1e-5)'}")
+                  f"{argmax:>6}  {'ok' if a.passed else f'MISMATCH ({a.outside} outside tolerance)'}")
     step(f"wrote {args.out}" + ("" if passed else " (ONNX Runtime disagrees with PyTorch)"))
     return 0 if passed else 1
 
@@ -110,14 +162,20 @@ def _export(args: argparse.Namespace) -> int:
 def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model exported by `frugalrt export`")
     p.add_argument("--target", required=True, help="target name (see `frugalrt targets`)")
-    p.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
+    p.add_argument("--out", required=True, help="artifact directory to write atomically; an existing one is "
+                   "replaced only if it is empty or a frugalrt artifact (never '.', the working directory or "
+                   "a folder holding the model)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is a non-empty directory "
+                   "that frugalrt did not write")
+    p.add_argument("--board", help="cortex-m4/cortex-m7: the board the bundle must fit (mps2-an386, mps2-an500, "
+                   "netduinoplus2); its flash and RAM are checked now, and it is the bundle's default platform")
 
 
 @command("compile", "compile an ONNX model for a target into an artifact directory", _compile_args)
 def _compile(args: argparse.Namespace) -> int:
     from frugalrt.targets.compile import compile as compile_model
 
-    artifact = compile_model(args.model, args.target, args.out,
+    artifact = compile_model(args.model, args.target, args.out, force=args.force, board=args.board,
                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"wrote {artifact.path} ({artifact.kind} for {artifact.target})")
     return 0
@@ -129,7 +187,13 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
                    help="local (default), rpc://HOST:PORT, tracker://HOST:PORT/KEY, qemu or qemu:BOARD")
     p.add_argument("--emulate", action="store_true", help="run under qemu (same as --device qemu:BOARD)")
     p.add_argument("--board", help="qemu board for --emulate (e.g. mps2-an386)")
-    p.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of float outputs")
+    p.add_argument("--rtol", type=float, default=1e-4,
+                   help="relative tolerance of float outputs (default %(default)g): each value must be within "
+                        "atol + rtol*|ref| + 4*eps32*sqrt(K)*max|ref|, K the model's accumulation length (the "
+                        "sum of its MatMul/Conv/Butterfly/binary reduction lengths), max|ref| the output's scale")
+    p.add_argument("--atol", type=float, default=1e-5,
+                   help="absolute tolerance of float outputs (default %(default)g), added to the float32 noise "
+                        "floor above; integer outputs are compared exactly, NaN/inf as IEEE values")
 
 
 @command("validate", "run an artifact on golden vectors and compare with PyTorch's outputs", _validate_args)
@@ -137,7 +201,7 @@ def _validate(args: argparse.Namespace) -> int:
     from frugalrt.runtime.validate import validate
 
     device = (f"qemu:{args.board}" if args.board else "qemu") if args.emulate else args.device
-    report = validate(args.artifact, device=device, rtol=args.rtol)
+    report = validate(args.artifact, device=device, rtol=args.rtol, atol=args.atol)
     print(report.table())
     return 0 if report.passed else 1
 
@@ -163,7 +227,8 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("kind", choices=list(DEVICE_KINDS),
                    help="; ".join(f"{k}: {d}" for k, (d, _) in DEVICE_KINDS.items()))
     s.add_argument("--port", type=int, help="port to listen on (default: a free one)")
-    s.add_argument("--name", help="name for stop/list (default: the kind, numbered if taken)")
+    s.add_argument("--name", help="name for stop/list; an explicit name must not be in use "
+                   "(default: the kind, numbered if taken)")
     s.add_argument("--tracker", metavar="HOST:PORT", help="register with this RPC tracker")
     s.add_argument("--key", help="tracker key (default: the kind)")
     t = sub.add_parser("stop", help="stop devices started by frugalrt")
@@ -214,14 +279,25 @@ def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--board", help="qemu board for --emulate (e.g. mps2-an386)")
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
 @command("profile", "latency, per-op breakdown, footprint and instruction counts of an artifact", _profile_args)
 def _profile(args: argparse.Namespace) -> int:
     import json
 
-    from frugalrt._atomic import atomic_path
+    from frugalrt._atomic import atomic_path, check_output
     from frugalrt.runtime import profile
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    outputs = {args.json: (".json",), args.plot: PLOT_SUFFIXES}
+    for path, suffixes in outputs.items():  # refuse a bad output before the (long) run, not after it
+        if path:
+            check_output(path, inputs=[args.artifact], suffixes=suffixes)
+    if args.plot:
+        from frugalrt.runtime.profile_plot import require_matplotlib
+
+        require_matplotlib()
     if args.emulate and (args.plot or args.devices > 1):
         raise FrugalError("--emulate reports instruction counts: --plot and --devices do not apply")
     if args.devices > 1 and (args.plot or args.baseline):
@@ -240,15 +316,15 @@ def _profile(args: argparse.Namespace) -> int:
                                  not args.no_count, say)
         print(report.table())
         text = report.to_json()
-        if args.plot:
-            from frugalrt.runtime.profile_plot import plot
-
-            plot(report, args.plot)
-            say(f"wrote {args.plot}")
     if args.json:
-        with atomic_path(args.json) as tmp:
+        with atomic_path(args.json, inputs=[args.artifact], suffixes=(".json",)) as tmp:
             tmp.write_text(text)
         say(f"wrote {args.json}")
+    if args.plot:
+        from frugalrt.runtime.profile_plot import plot
+
+        plot(report, args.plot)
+        say(f"wrote {args.plot}")
     return 0
 
 

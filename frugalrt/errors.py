@@ -23,3 +23,7 @@ class ArtifactError(FrugalError):
 
 class DeviceError(FrugalError):
     """A device (emulated or over RPC) cannot be reached or failed mid-run."""
+
+
+class OutputError(FrugalError):
+    """An output path that would replace something frugalrt did not write (or cannot be written)."""

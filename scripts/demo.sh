@@ -20,6 +20,7 @@ $FRT validate "$OUT/host"
 step "Raspberry Pi 4 (emulated aarch64 device over TVM RPC)"
 $FRT compile "$OUT/digits.onnx" --target rpi4 --out "$OUT/rpi4"
 trap '$FRT device stop demo-rpi4 >/dev/null 2>&1 || true' EXIT
+$FRT device stop demo-rpi4 >/dev/null 2>&1 || true  # a device left by a killed earlier demo
 addr=$($FRT device start rpi4-emu --name demo-rpi4 | tail -n 1)
 $FRT validate "$OUT/rpi4" --device "$addr"
 $FRT profile "$OUT/rpi4" --device "$addr" --baseline "$OUT/dense.onnx" --runs 20 --json "$OUT/rpi4-profile.json"

@@ -100,3 +100,90 @@ def rpi4_device(device_state, emulation_tools):
     rec = start_device("rpi4-emu", name="session-rpi4")
     yield rec.address
     stop_devices([rec.name])
+
+
+# --- tools: a test that needs a missing tool skips, naming it and its Debian package -------------
+DEBIAN_PACKAGES = {
+    "g++": "g++", "gcc": "gcc", "qemu-aarch64": "qemu-user", "qemu-arm": "qemu-user",
+    "qemu-system-arm": "qemu-system-arm", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "arm-linux-gnueabihf-gcc": "gcc-arm-linux-gnueabihf",
+    "arm-none-eabi-gcc": "gcc-arm-none-eabi libnewlib-arm-none-eabi", "nvcc": "nvidia-cuda-toolkit",
+    "apt-get": "apt", "dpkg": "dpkg",
+}
+
+
+@pytest.fixture(scope="session")
+def need_tools():
+    """``need_tools(*tools, why=...)``: skip the test, naming each missing tool and its Debian package."""
+
+    def need(*tools: str, why: str = "") -> None:
+        missing = [t for t in tools if shutil.which(t) is None]
+        if missing:
+            pytest.skip(f"{why + ' needs ' if why else 'needs '}"
+                        + ", ".join(f"{t} (Debian: apt-get install {DEBIAN_PACKAGES.get(t, t)})" for t in missing))
+
+    return need
+
+
+# --- x86 CPUs named explicitly: compile for each, run only where this CPU can ------------------------
+class X86Cpu:
+    """An x86-64 CPU named by its LLVM ``mcpu`` (never the CPU LLVM detects here), its TVM target, and the
+    ISA extensions (LLVM names) its code may use that this machine lacks: empty = runs here."""
+
+    def __init__(self, mcpu: str):
+        import platform
+
+        import tvm
+        from tvm.target import codegen
+
+        from frugalrt.runtime.loader import host_cpu_flags
+        from frugalrt.targets.registry import X86_FEATURES, X86_LEVELS
+
+        self.mcpu = mcpu
+        self.target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu})
+        with self.target:
+            needs = sorted(str(f) for f in codegen.llvm_get_cpu_features(self.target) if str(f) in X86_FEATURES)
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            self.missing = ["an x86-64 CPU"]
+            return
+        flags = host_cpu_flags()
+        if flags is None:  # unknown CPU flags: only the baseline is safe to run
+            missing = [f for f in needs if f not in X86_LEVELS["x86-64-v1"]]
+        else:
+            missing = [f for f in needs if X86_FEATURES[f] not in flags]
+        order = list(X86_FEATURES)  # oldest extensions first
+        self.missing = sorted(missing, key=order.index, reverse=True)  # the newest, most telling, first
+
+    @property
+    def runs_here(self) -> bool:
+        return not self.missing
+
+    def require(self, inspected_by: str) -> None:
+        """Skip unless this machine runs ``mcpu`` code; ``inspected_by`` names the test that compiles
+        and inspects it everywhere."""
+        if self.missing:
+            pytest.skip(f"this CPU lacks {self.lacks}: {self.mcpu} code is compiled and inspected (not run) "
+                        f"by {inspected_by}")
+
+    @property
+    def lacks(self) -> str:
+        """The missing extensions, newest first, for a skip reason: ``avx2, avx, fma and 13 more``."""
+        more = len(self.missing) - 3
+        return ", ".join(self.missing[:3]) + (f" and {more} more" if more > 0 else "")
+
+    def __repr__(self) -> str:
+        return f"X86Cpu({self.mcpu!r}, runs_here={self.runs_here})"
+
+
+@pytest.fixture(scope="session")
+def x86_cpu():
+    """``x86_cpu(mcpu) -> X86Cpu`` (cached): an explicitly named x86-64 CPU target and whether it runs here
+    (its ISA extensions checked against this CPU's flags, ``frugalrt.runtime.loader.host_cpu_flags``)."""
+    cache: dict[str, X86Cpu] = {}
+
+    def get(mcpu: str) -> X86Cpu:
+        if mcpu not in cache:
+            cache[mcpu] = X86Cpu(mcpu)
+        return cache[mcpu]
+
+    return get

@@ -23,9 +23,10 @@ import torch
 from onnxscript import ir, optimizer
 
 import frugalrt
-from frugalrt._atomic import atomic_path
+from frugalrt._atomic import atomic_path, check_output
 from frugalrt.errors import ExportError
 from frugalrt.export import metadata as md
+from frugalrt.export import spec_check
 from frugalrt.export.summary import structured_layers
 from frugalrt.export.translations import translation_table
 from frugalrt.nn import freeze
@@ -35,19 +36,25 @@ BATCH = "batch"
 
 
 def export(model: torch.nn.Module, example_inputs: ExampleInputs, path: Union[str, os.PathLike],
-           portable: bool = False, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+           portable: bool = False, metadata: dict[str, str] | None = None, force: bool = False,
+           protect: Sequence[Union[str, os.PathLike]] = ()) -> onnx.ModelProto:
     """Export ``model`` to ``path`` (``ai.frugalrt`` custom ops, or standard ops if ``portable``).
 
     Returns the saved ``onnx.ModelProto``. Raises :class:`ExportError` naming the cause; on
     error no file is written. A model may carry its own entries (e.g. PAC-Bayes certificates) in a
-    ``frugalrt_metadata`` dict attribute; ``metadata`` overrides them.
+    ``frugalrt_metadata`` dict attribute; ``metadata`` overrides them. ``path`` never replaces a
+    directory, a file in ``protect`` (the model's source) or, unless ``force``, a non-``.onnx`` file.
     """
+    out = dict(inputs=protect, force=force, suffixes=(".onnx",))  # never replace a source or a non-ONNX file
+    check_output(path, **out)
     metadata = {**getattr(model, "frugalrt_metadata", {}), **(metadata or {})}
     name = type(model).__name__
     inputs = _check_inputs(model, example_inputs)
+    _check_finite_weights(model, name)
     model = frozen_copy(model)
     outputs = _golden_outputs(model, inputs, name)
     proto = to_onnx(model, inputs, portable=portable, name=name)
+    spec_check.check_model(proto, error=ExportError)  # every ai.frugalrt node against docs/ops.md
     md.set_metadata(proto, {md.VERSION_KEY: frugalrt.__version__,
                             md.SOURCE_KEY: f"{type(model).__module__}.{type(model).__qualname__}",
                             md.OPS_KEY: json.dumps(md.op_inventory(proto)),
@@ -61,7 +68,7 @@ def export(model: torch.nn.Module, example_inputs: ExampleInputs, path: Union[st
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ExportError(f"exported {name} fails onnx.checker: {_first_line(e)}") from e
-    with atomic_path(path) as tmp:
+    with atomic_path(path, **out) as tmp:
         onnx.save(proto, tmp)
     return proto
 
@@ -136,6 +143,23 @@ def _check_inputs(model, example_inputs: ExampleInputs) -> tuple[torch.Tensor, .
     if len({len(t) for t in inputs}) != 1:
         raise ExportError(f"example inputs disagree on the batch size: {[tuple(t.shape) for t in inputs]}")
     return tuple(t.detach().cpu().contiguous() for t in inputs)
+
+
+def _check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """Refuse NaN or infinite parameters (and NaN buffers: an infinite buffer may be a mask),
+    naming the first one, e.g. ``layers.0.twiddles``."""
+    tensors = [(n, t, False) for n, t in model.named_parameters()] + [(n, t, True) for n, t in model.named_buffers()]
+    for pname, tensor, allow_inf in tensors:
+        if tensor is not None and (tensor.is_floating_point() or tensor.is_complex()):
+            values = tensor.detach().cpu()
+            bad = spec_check.nonfinite(values.numpy() if values.dtype in _NUMPY_DTYPES else values.double().numpy(),
+                                       allow_inf=allow_inf)
+            if bad:
+                kind = "buffer" if allow_inf else "parameter"
+                raise ExportError(f"cannot export {name}: {kind} '{pname}' {bad}, expected finite values")
+
+
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
 def _golden_outputs(model, inputs, name: str) -> list[np.ndarray]:

@@ -1,15 +1,19 @@
 """ONNX schemas (with type and shape inference) of the ``ai.frugalrt`` ops, per ``docs/ops.md``.
 
 Importing this module registers them once per process, so that the exporter, ``onnx.checker``
-(full check) and ``onnx.shape_inference`` all know the ops.
+(full check) and ``onnx.shape_inference`` all know the ops. Their shape inference enforces each
+op's rules through the one spec check, :mod:`frugalrt.export.spec_check` (on shapes; export,
+compile and ONNX Runtime also run it on the model's constant values).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import onnx
 from onnx import TensorProto, defs, helper
 
+from frugalrt.export import spec_check
 from frugalrt.runtime.reference import DOMAIN, conv_output_size
 
 VERSION = 1
@@ -19,7 +23,7 @@ _F = OpSchema.FormalParameterOption
 
 def _dims(type_proto: onnx.TypeProto) -> list | None:
     """Dims of a tensor type as ints (known) or strings/None (symbolic); None if rank unknown."""
-    if not type_proto.tensor_type.HasField("shape"):
+    if type_proto is None or not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
         return None
     out = []
     for d in type_proto.tensor_type.shape.dim:
@@ -27,60 +31,71 @@ def _dims(type_proto: onnx.TypeProto) -> list | None:
     return out
 
 
-def _set_output(ctx, dims: list, elem_type: int = TensorProto.FLOAT) -> None:
-    shape = [d if d is not None else None for d in dims]
-    ctx.set_output_type(0, helper.make_tensor_type_proto(elem_type, shape))
-
-
-def _attr_i(ctx, name: str, default=None):
-    a = ctx.get_attribute(name)
-    return default if a is None else helper.get_attribute_value(a)
+def _set_output(ctx, dims: list | None, elem_type: int = TensorProto.FLOAT) -> None:
+    ctx.set_output_type(0, helper.make_tensor_type_proto(elem_type, dims))
 
 
 def _known(d) -> bool:
     return isinstance(d, int) and d > 0
 
 
-def _infer_butterfly(ctx) -> None:
-    x, tw = _dims(ctx.get_input_type(0)), _dims(ctx.get_input_type(1))
-    out = int(_attr_i(ctx, "out_features"))
-    if x is not None and len(x) != 2:
-        raise onnx.shape_inference.InferenceError(f"Butterfly: X must have rank 2, got rank {len(x)}")
-    if tw is not None:
-        if len(tw) != 4 or tw[2:] != [2, 2]:
-            raise onnx.shape_inference.InferenceError(f"Butterfly: twiddles must be [L, N/2, 2, 2], got {tw}")
-        if _known(tw[1]) and out > 2 * tw[1]:
-            raise onnx.shape_inference.InferenceError(f"Butterfly: out_features={out} > N={2 * tw[1]}")
-        if _known(tw[0]) and _known(tw[1]) and 2 * tw[1] != 1 << tw[0]:
-            raise onnx.shape_inference.InferenceError(f"Butterfly: twiddles {tw}: N/2 must be 2^(L-1)")
-    _set_output(ctx, [x[0] if x else None, out])
+def _node_name(ctx) -> str | None:
+    """The node's name from onnx's display name ``node BinaryGemm[ai.frugalrt] (NAME)``."""
+    match = re.search(r"\((.*)\)$", ctx.get_display_name())
+    return match.group(1) if match and match.group(1) else None
 
 
-def _infer_binary_gemm(ctx) -> None:
-    x, w = _dims(ctx.get_input_type(0)), _dims(ctx.get_input_type(1))
-    k = int(_attr_i(ctx, "in_features"))
-    if x is not None and (len(x) != 2 or (_known(x[1]) and x[1] != k)):
-        raise onnx.shape_inference.InferenceError(f"BinaryGemm: X must be [batch, {k}], got {x}")
-    if w is not None and (len(w) != 2 or (_known(w[1]) and w[1] != (k + 7) // 8)):
-        raise onnx.shape_inference.InferenceError(
-            f"BinaryGemm: packed weights must be [N, {(k + 7) // 8}], got {w}")
-    _set_output(ctx, [x[0] if x else None, w[0] if w else None])
+def _inference(op_type: str, output_dims: Callable[[dict, dict], list]):
+    """Shape inference of ``op_type``: the spec check (``spec_check.check_node`` on shapes), then
+    Y's dims from ``output_dims(attributes, dims by input name)``."""
+
+    def infer(ctx) -> None:
+        schema = SCHEMAS[op_type][0]
+        given = {}
+        for name in schema.attributes:
+            attr = ctx.get_attribute(name)
+            if attr is not None:
+                given[name] = helper.get_attribute_value(attr)
+        attrs = spec_check.attributes(op_type, given)
+        dims = {p.name: _dims(ctx.get_input_type(i))
+                for i, p in enumerate(schema.inputs) if i < ctx.get_num_inputs() and ctx.has_input(i)}
+        if spec_check.is_lenient():
+            try:
+                _set_output(ctx, output_dims(attrs, dims))
+            except Exception:  # noqa: BLE001  (a node that check_model is about to report: Y stays unknown)
+                _set_output(ctx, None)
+            return
+        spec_check.check_node(op_type, attrs, dims, node=_node_name(ctx),
+                              error=onnx.shape_inference.InferenceError)
+        _set_output(ctx, output_dims(attrs, dims))
+
+    return infer
 
 
-def _infer_binary_conv(ctx) -> None:
-    x, w = _dims(ctx.get_input_type(0)), _dims(ctx.get_input_type(1))
-    c = int(_attr_i(ctx, "in_channels"))
-    kh, kw = _attr_i(ctx, "kernel_shape")
-    sh, sw = _attr_i(ctx, "strides", [1, 1])
-    pt, pl, pb, pr = _attr_i(ctx, "pads", [0, 0, 0, 0])
-    if x is not None and (len(x) != 4 or (_known(x[1]) and x[1] != c)):
-        raise onnx.shape_inference.InferenceError(f"BinaryConv: X must be [batch, {c}, H, W], got {x}")
-    if w is not None and (len(w) != 2 or (_known(w[1]) and w[1] != (c * kh * kw + 7) // 8)):
-        raise onnx.shape_inference.InferenceError(
-            f"BinaryConv: packed weights must be [O, {(c * kh * kw + 7) // 8}], got {w}")
+def _batch(dims: dict):
+    x = dims.get("X")
+    return x[0] if x else None
+
+
+def _rows(dims: dict):
+    w = dims.get("W_packed")
+    return w[0] if w else None
+
+
+def _butterfly_dims(attrs: dict, dims: dict) -> list:
+    return [_batch(dims), int(attrs["out_features"])]
+
+
+def _binary_gemm_dims(attrs: dict, dims: dict) -> list:
+    return [_batch(dims), _rows(dims)]
+
+
+def _binary_conv_dims(attrs: dict, dims: dict) -> list:
+    x = dims.get("X")
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = attrs["kernel_shape"], attrs["strides"], attrs["pads"]
     oh = conv_output_size(x[2], kh, sh, pt, pb) if x and _known(x[2]) else None
     ow = conv_output_size(x[3], kw, sw, pl, pr) if x and _known(x[3]) else None
-    _set_output(ctx, [x[0] if x else None, w[0] if w else None, oh, ow])
+    return [_batch(dims), _rows(dims), oh, ow]
 
 
 def _float(name: str, doc: str, optional: bool = False) -> OpSchema.FormalParameter:
@@ -102,7 +117,7 @@ SCHEMAS: dict[str, tuple[OpSchema, Callable]] = {
         outputs=[_float("Y", "[batch, out_features]")],
         type_constraints=_T,
         attributes=[_Attr("out_features", _AT.INT, "output width (<= N)", required=True)],
-    ), _infer_butterfly),
+    ), _inference("Butterfly", _butterfly_dims)),
     "BinaryGemm": (OpSchema(
         "BinaryGemm", DOMAIN, VERSION,
         "Y = scale * (sign(X) . sign(W)^T) + B with bit-packed W: XNOR-popcount GEMM (docs/ops.md).",
@@ -111,7 +126,7 @@ SCHEMAS: dict[str, tuple[OpSchema, Callable]] = {
         outputs=[_float("Y", "[batch, N]")],
         type_constraints=_T,
         attributes=[_Attr("in_features", _AT.INT, "K, the unpacked reduction length", required=True)],
-    ), _infer_binary_gemm),
+    ), _inference("BinaryGemm", _binary_gemm_dims)),
     "BinaryConv": (OpSchema(
         "BinaryConv", DOMAIN, VERSION,
         "NCHW convolution of sign(X) (zero padding contributes 0) with bit-packed sign(W), "
@@ -124,7 +139,7 @@ SCHEMAS: dict[str, tuple[OpSchema, Callable]] = {
                     _Attr("kernel_shape", _AT.INTS, "[kh, kw]", required=True),
                     _Attr("strides", helper.make_attribute("strides", [1, 1]), "[sh, sw]"),
                     _Attr("pads", helper.make_attribute("pads", [0, 0, 0, 0]), "[top, left, bottom, right]")],
-    ), _infer_binary_conv),
+    ), _inference("BinaryConv", _binary_conv_dims)),
 }
 
 

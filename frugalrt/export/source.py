@@ -4,13 +4,20 @@ A factory is a function without arguments returning ``(model, example_inputs)``;
 A ``.pt2`` archive must hold a program exported from an already frozen model
 (``frugalrt.nn.freeze(model)`` before ``torch.export``), or its binary layers are traced into
 float ops, and it must carry its example inputs (``torch.export.export`` stores them).
+
+Trust: a ``file.py`` SOURCE is Python code and runs as such. A ``.pt2`` archive is data and is
+loaded weights-only: torch's loader falls back to full unpickling (which can run arbitrary code)
+for some payloads, so every ``torch.load`` it makes is forced to ``weights_only=True`` and archives
+with pickled custom or opaque objects are refused before loading.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import sys
+import threading
 import uuid
+import zipfile
 from pathlib import Path
 from types import ModuleType
 from typing import Iterator, Optional
@@ -88,14 +95,52 @@ def _from_factory(path: Path, module: ModuleType, factory: str):
     return model, (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _weights_only() -> Iterator[None]:
+    """Force ``weights_only=True`` on every ``torch.load`` made meanwhile (torch.export's included)."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with _LOAD_LOCK:
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def _refuse_pickled_objects(path: Path) -> None:
+    """Refuse archives whose constants are pickled Python objects (unpickled without restriction)."""
+    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [Path(n).name for n in archive.namelist()]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ExportError(f"{path}: not a readable torch.export archive (not a zip file: {e})") from None
+    pickled = [n for n in names if n.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]
+    if pickled:
+        raise ExportError(f"{path}: holds pickled Python objects ({', '.join(pickled[:3])}), which could run "
+                          "code when loaded; refused (export from file.py:factory instead)")
+
+
 def _from_archive(path: Path):
     import frugalrt.nn  # noqa: F401  (registers the frugalrt:: ops the archive may call)
 
+    _refuse_pickled_objects(path)
     try:
-        program = torch.export.load(str(path))
+        with _weights_only():
+            program = torch.export.load(str(path))
     except Exception as e:
-        raise ExportError(f"{path}: not a readable torch.export archive ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise ExportError(f"{path}: not a readable torch.export archive, or one holding pickled objects "
+                          f"beyond tensors (loaded weights-only; {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
     if program.example_inputs is None:
         raise ExportError(f"{path}: the archive stores no example inputs; save it from "
                           f"torch.export.export(model, example_inputs) or use file.py:factory")

@@ -5,6 +5,8 @@
   R_S(Q) itself estimated from m independent Monte Carlo samples and bounded by
   ``kl^-1(R_hat_m, ln(2/delta_mc) / m)`` (Langford & Caruana 2001), as Pérez-Ortiz et al. (JMLR 2021,
   *Tighter risk certificates for neural networks*) do. Holds with probability >= 1 - delta - delta_mc.
+  When the posterior was selected among ``union`` settings, each setting's certificate uses
+  delta / union and delta_mc / union (union bound), so the total stays 1 - delta - delta_mc.
 * Deterministic predictor on a held-out test set of n examples with k errors: the binomial tail
   inversion ``sup{p : P[Binomial(n, p) <= k] >= delta}`` (Langford, JMLR 2005), i.e. the
   Clopper-Pearson upper limit. It certifies exactly the network that gets exported.
@@ -65,7 +67,8 @@ class Certificate:
 
     ``kind`` is "stochastic" (PAC-Bayes-kl on the posterior's Gibbs predictor) or "deterministic"
     (binomial tail inversion on a held-out set). ``empirical_risk`` is the error measured on the n
-    examples (Monte Carlo estimate for the stochastic predictor).
+    examples (Monte Carlo estimate for the stochastic predictor). ``delta`` and ``delta_mc`` are
+    totals: with ``union`` > 1 each was split evenly over the union's settings.
     """
 
     kind: str
@@ -124,10 +127,12 @@ def stochastic_certificate(mc_errors: np.ndarray, kl: float, n: int, classes: in
     ``mc_count`` is the number of independent [0, 1] samples whose mean estimates R_S(Q): the number
     of draws when a draw is one network evaluated on all n examples (Pérez-Ortiz et al.), draws * n
     when every (draw, example) pair gets its own network. ``union`` = number of hyper-parameter
-    settings the posterior was selected from: the bound then uses delta / union (union bound)."""
+    settings the posterior was selected from: both terms pay for it, with delta / union and
+    delta_mc / union (union bound), so ``delta`` and ``delta_mc`` stay the totals: the certificate
+    holds with probability >= 1 - delta - delta_mc, as ``confidence`` in its JSON states."""
     m = int(mc_count or len(mc_errors))
     risk = float(np.mean(mc_errors))
-    risk_bound = kl_inverse_upper(risk, math.log(2.0 / delta_mc) / m)
+    risk_bound = kl_inverse_upper(risk, math.log(2.0 / (delta_mc / union)) / m)
     bound = pac_bayes_kl_bound(risk_bound, kl, n, delta / union)
     return Certificate("stochastic", bound, risk, n, delta, classes, kl=float(kl), mc_samples=m,
                        delta_mc=delta_mc, empirical_risk_bound=risk_bound, union=union,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from frugalrt._atomic import check_output
 from frugalrt.errors import FrugalError
 from frugalrt.nn.factorize import factorize
 
@@ -144,17 +145,18 @@ def _output_format(out: str) -> str:
     return suffix
 
 
-def save_compressed(model: nn.Module, inputs: tuple[Tensor, ...], out: str) -> None:
-    """Write ``model`` as ONNX (``frugalrt.export``) or as a ``torch.export`` ``.pt2`` archive, atomically."""
+def save_compressed(model: nn.Module, inputs: tuple[Tensor, ...], out: str, protect: Sequence[str] = ()) -> None:
+    """Write ``model`` as ONNX (``frugalrt.export``) or as a ``torch.export`` ``.pt2`` archive, atomically,
+    never over a file in ``protect`` (the source)."""
     import frugalrt
     from frugalrt._atomic import atomic_path
 
     if _output_format(out) == ".onnx":
-        frugalrt.export(model, inputs, out)
+        frugalrt.export(model, inputs, out, protect=protect)
         return
     batch = torch.export.Dim("batch")
     program = torch.export.export(model.eval(), inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
-    with atomic_path(out) as tmp:
+    with atomic_path(out, inputs=protect, suffixes=(".pt2",)) as tmp:
         torch.export.save(program, str(tmp))
 
 
@@ -167,7 +169,9 @@ def compress_source(spec: str, layers: Sequence[str], out: str, epochs: int = 0,
     """
     from frugalrt.export.source import load_module, load_source
 
+    source = spec.partition(":")[0] if not Path(spec).exists() else spec
     _output_format(out)  # fail before any training
+    check_output(out, inputs=[source], suffixes=(_output_format(out),))
     progress(f"loading {spec}")
     loaded = load_module(spec) if Path(spec.partition(":")[0]).suffix == ".py" else None  # the file runs once
     model, inputs = load_source(spec, loaded)
@@ -179,5 +183,5 @@ def compress_source(spec: str, layers: Sequence[str], out: str, epochs: int = 0,
     model, report = compress(model, layers, finetune_data=train, epochs=epochs, eval_data=test, lr=lr,
                              progress=progress)
     progress(f"writing {out}")
-    save_compressed(model, inputs, out)
+    save_compressed(model, inputs, out, protect=[source])
     return report

@@ -4,12 +4,21 @@ onnxruntime-extensions Python ops have a fixed input count and only int/float/st
 so the session runs a rewritten copy of the model: a node without the optional bias becomes the
 ``<Op>NoBias`` variant, and int-list attributes (BinaryConv's ``kernel_shape``, ``strides``,
 ``pads``, schema defaults filled in) become JSON strings. These ops serve validation, not speed.
+
+A malformed model never reaches ONNX Runtime: :func:`make_session` checks every ``ai.frugalrt``
+node against its spec first (:func:`frugalrt.export.spec_check.check_model`). An exception that
+escapes a Python custom op would abort the whole process (onnxruntime-extensions rethrows it as a
+C++ exception nothing catches), so the ops never raise: they check their actual inputs with the
+same spec check, record what fails and return an empty tensor; the session's ``run`` then raises
+the first failure as a :class:`frugalrt.errors.ArtifactError` naming the node (found by op type,
+attributes and constant shapes: the ops themselves are not told their node's name).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Sequence, Union
+import threading
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 import onnx
@@ -17,7 +26,8 @@ import onnxruntime as ort
 from onnx import defs, helper
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
-from frugalrt.export import schemas
+from frugalrt.errors import ArtifactError
+from frugalrt.export import schemas, spec_check
 from frugalrt.runtime.reference import DOMAIN, get_reference
 
 ModelOrPath = Union[onnx.ModelProto, str, os.PathLike]
@@ -29,15 +39,36 @@ _SIGNATURES = {
     "BinaryConv": ([_F, _U8, _F], {"in_channels": _I, "kernel_shape": _S, "strides": _S, "pads": _S}),
 }
 NO_BIAS = "NoBias"
+_FAILED = threading.local()  # .errors: [_Failure] the custom ops hit in the current run() on this thread
+
+
+class _Failure(NamedTuple):
+    op_type: str
+    attrs: dict
+    shapes: tuple  # shapes of the inputs after X (the node's constants)
+    problem: str
 
 
 def _declare(op_type: str, with_bias: bool) -> None:
     inputs, attrs = _SIGNATURES[op_type]
     kernel = get_reference(op_type)
+    names = [p.name for p in schemas.SCHEMAS[op_type][0].inputs][:len(inputs) + with_bias]
 
     def body(*arrays, **attributes):
-        kwargs = {k: json.loads(v) if attrs[k] == _S else v for k, v in attributes.items()}
-        return kernel(*arrays, *(() if with_bias else (None,)), **kwargs)
+        kwargs = {}
+        try:
+            kwargs = {k: json.loads(v) if attrs[k] == _S else v for k, v in attributes.items()}
+            problem = spec_check.node_problem(op_type, kwargs, dict(zip(names, arrays)))
+            if problem is None:
+                return kernel(*arrays, *(() if with_bias else (None,)), **kwargs)
+        except Exception as e:  # noqa: BLE001  (raising here would abort the process: see the module docstring)
+            text = str(e).strip()
+            problem = f"the reference kernel fails: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        failure = _Failure(op_type, kwargs, tuple(tuple(a.shape) for a in arrays[1:]), problem)
+        if getattr(_FAILED, "errors", None) is None:
+            _FAILED.errors = []
+        _FAILED.errors.append(failure)
+        return np.zeros(0, np.float32)
 
     onnx_op(op_type=f"{DOMAIN}::{op_type}{'' if with_bias else NO_BIAS}",
             inputs=inputs + ([_F] if with_bias else []), outputs=[_F], attrs=attrs)(body)
@@ -69,15 +100,66 @@ def session_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def make_session(model_or_path: ModelOrPath) -> ort.InferenceSession:
+class Session(ort.InferenceSession):
+    """An ``InferenceSession`` whose ``run`` raises what the ``ai.frugalrt`` custom ops hit (one
+    :class:`ArtifactError` naming the node) instead of returning their placeholder outputs."""
+
+    frugal_nodes: Sequence[tuple] = ()  # (name, op_type, attributes as the custom ops get them, constant shapes)
+
+    def run(self, output_names, input_feed, run_options=None):
+        _FAILED.errors = []
+        try:
+            outputs = super().run(output_names, input_feed, run_options)
+        except Exception as e:
+            if _FAILED.errors:  # a later op choked on the placeholder: the custom op's failure is the cause
+                raise self._error(_FAILED.errors[0]) from e
+            raise
+        finally:
+            errors, _FAILED.errors = _FAILED.errors, []
+        if errors:
+            raise self._error(errors[0])
+        return outputs
+
+    def _error(self, failure: _Failure) -> ArtifactError:
+        names = [name for name, op_type, attrs, shapes in self.frugal_nodes
+                 if op_type == failure.op_type and attrs == failure.attrs
+                 and all(s is None or s == f for s, f in zip(shapes, failure.shapes))]
+        label = names[0] if len(names) == 1 else "one of " + ", ".join(names) if names else "?"
+        return ArtifactError(f"node {label} ({failure.op_type}): {failure.problem}")
+
+
+def _frugal_nodes(model: onnx.ModelProto) -> list:
+    """(name, op_type, attributes, constant input shapes) of each custom node of a session model."""
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    nodes = []
+    for index, node in enumerate(model.graph.node):
+        if node.domain == DOMAIN:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            attrs = {k: json.loads(v) if isinstance(v, bytes) else v for k, v in attrs.items()}
+            nodes.append((node.name or f"#{index}", node.op_type.removesuffix(NO_BIAS), attrs,
+                          tuple(dims.get(name) for name in node.input[1:])))
+    return nodes
+
+
+def make_session(model_or_path: ModelOrPath) -> Session:
     """An ONNX Runtime CPU session that runs standard ops natively and ``ai.frugalrt`` ops through
-    the numpy reference kernels."""
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(os.fspath(model_or_path))
+    the numpy reference kernels. Raises :class:`ArtifactError` (one line naming the node, input,
+    expected and found) for a model whose ``ai.frugalrt`` nodes break their spec or hold NaN/Inf."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = model_or_path
+    else:
+        try:
+            model = onnx.load(os.fspath(model_or_path))
+        except Exception as e:  # noqa: BLE001  (missing file, truncated or not protobuf)
+            raise ArtifactError(f"cannot read ONNX model {model_or_path}: {e}") from e
+    spec_check.check_model(model, error=ArtifactError)
     options = ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
     options.log_severity_level = 3
-    return ort.InferenceSession(session_model(model).SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    rewritten = session_model(model)
+    session = Session(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.frugal_nodes = _frugal_nodes(rewritten)
+    return session
 
 
 def run(model_or_path: ModelOrPath | ort.InferenceSession, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:

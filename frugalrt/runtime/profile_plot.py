@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -12,8 +13,8 @@ from frugalrt.runtime.profile import EMULATED_LABEL, ProfileReport
 TOP_OPS = 12
 
 
-def plot(report: ProfileReport, path: str | os.PathLike) -> None:
-    """Left: latency histogram (and the baseline's); right: the costliest ops, ms per inference."""
+def require_matplotlib():
+    """``matplotlib.pyplot`` (Agg backend), or a FrugalError saying how to install it."""
     try:
         import matplotlib
 
@@ -22,6 +23,12 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
     except ImportError:
         raise FrugalError("--plot needs matplotlib, which is not installed: "
                           "pip install matplotlib (or the dev extra: pip install 'frugalrt[dev]')") from None
+    return plt
+
+
+def plot(report: ProfileReport, path: str | os.PathLike) -> None:
+    """Left: latency histogram (and the baseline's); right: the costliest ops, ms per inference."""
+    plt = require_matplotlib()
     fig, (hist, bars) = plt.subplots(1, 2, figsize=(13, 4.8))
     label = f" — {EMULATED_LABEL}" if report.emulated else ""
     series = [("model", report)] + ([("baseline", report.baseline)] if report.baseline else [])
@@ -39,7 +46,7 @@ def plot(report: ProfileReport, path: str | os.PathLike) -> None:
              title="per-op breakdown" if ops else f"per-op breakdown unavailable: {report.ops_note}")
     fig.tight_layout()
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        with atomic_path(path, suffixes=(".png", ".svg", ".pdf")) as tmp:
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=100)
     finally:
         plt.close(fig)

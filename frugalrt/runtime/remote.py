@@ -54,7 +54,16 @@ class DeviceAddress:
                 (u.scheme == "tracker") != bool(key):
             raise DeviceError(f"bad device {device!r}: expected rpc://HOST:PORT or "
                               "tracker://HOST:PORT/KEY (optionally ?timeout=SECONDS)")
-        timeout = float(parse_qs(u.query).get("timeout", [DEFAULT_TIMEOUT])[0])
+        query = parse_qs(u.query, keep_blank_values=True)
+        unknown = sorted(set(query) - {"timeout"})
+        try:
+            timeout = float(query.get("timeout", [DEFAULT_TIMEOUT])[0])
+        except ValueError:
+            timeout = -1.0
+        if unknown or not 0 < timeout < float("inf"):
+            raise DeviceError(f"bad device {device!r}: " + (f"unknown option {unknown[0]!r}" if unknown else
+                              f"timeout must be a positive number of seconds, got {query['timeout'][0]!r}")
+                              + " (rpc://HOST:PORT?timeout=SECONDS)")
         return cls(u.scheme, u.hostname, port, key, timeout)
 
 
@@ -197,6 +206,7 @@ class RemoteSession:
         if artifact.kind != "shared-lib":
             raise DeviceError(f"{artifact.path}: a {artifact.kind} artifact cannot run over RPC; "
                               "compile for a shared-lib target such as rpi4")
+        artifact.verify()  # never upload a corrupt or modified library
         self.artifact = artifact
         self.address = addr = DeviceAddress.parse(device)
         self.device_name = device

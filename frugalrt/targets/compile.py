@@ -25,12 +25,13 @@ from typing import Callable
 import onnx
 
 import frugalrt
-from frugalrt._atomic import atomic_path
+from frugalrt._atomic import atomic_path, check_output
 from frugalrt.errors import TargetError
 from frugalrt.export.metadata import read_golden, save_golden_npz
-from frugalrt.runtime.artifact import GOLDEN, MANIFEST, MODEL, Artifact
+from frugalrt.runtime.artifact import GOLDEN, MANIFEST, MODEL, Artifact, file_digests
+from frugalrt.targets.cbundle.check import check_bundle_model
 from frugalrt.targets.importer import load_model
-from frugalrt.targets.registry import DeviceTarget, get_target, tvm_target
+from frugalrt.targets.registry import DeviceTarget, get_target, llvm_target_info, target_spec, tvm_target
 
 CUDA_CHECK_ARCHS = ("sm_75", "sm_87")
 BUNDLE = "bundle"
@@ -45,23 +46,29 @@ Progress = Callable[[str], None]
 
 
 def compile(model_path: str | os.PathLike, target: str, out_dir: str | os.PathLike,
-            progress: Progress | None = None) -> Artifact:
-    """Compile the ONNX model at ``model_path`` for ``target`` into the artifact directory ``out_dir``."""
+            progress: Progress | None = None, force: bool = False, board: str | None = None) -> Artifact:
+    """Compile the ONNX model at ``model_path`` for ``target`` into the artifact directory ``out_dir``.
+
+    ``out_dir`` is replaced only when it is empty or a frugalrt artifact (``force``: any directory
+    but the working directory, the model's folder or one above them); see ``frugalrt._atomic``.
+    """
     say = progress or (lambda message: None)
+    check_output(out_dir, is_dir=True, inputs=[model_path], force=force)  # refuse before the slow steps
     device = get_target(target)
     _check_tools(device)
     model = load_model(model_path)
+    check_bundle_model(model, device, board, source=model_path)  # C bundles: inputs, batch, --board
     import tvm  # noqa: F401  (load the compiler library once, outside the timed steps)
 
     steps = 5 if device.runner == "qemu-arm" else 4
     timed = _step_timer(say, device.name, steps)
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    with atomic_path(out_dir, is_dir=True, inputs=[model_path], force=force) as tmp:
         with timed("import"):
             mod = _import(model, device)
         with timed("build"):
             built = _build(mod, device)
         with timed("link"):
-            _link(built, device, tmp, model)
+            _link(built, device, tmp, model, board)
         if device.runner == "qemu-arm":  # no TVM runtime for 32-bit ARM: ship a self-contained C bundle too
             with timed("bundle"):
                 _build_bundle(model, device, tmp / BUNDLE, model)
@@ -109,7 +116,7 @@ def _build(mod, device: DeviceTarget):
         return tvm.compile(mod, target=target)
 
 
-def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto) -> None:
+def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto, board: str | None = None) -> None:
     lib = out / LIB_FILES[device.artifact]
     if device.artifact == "shared-lib":
         from tvm.support import cc
@@ -122,13 +129,14 @@ def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto) -> Non
         lib.write_text(cuda_source(built))
         check_cuda_source(lib)
     else:
-        _build_bundle(built, device, lib, model)
+        _build_bundle(built, device, lib, model, board)
 
 
-def _build_bundle(mod, device: DeviceTarget, bundle_dir: Path, model: onnx.ModelProto) -> None:
+def _build_bundle(mod, device: DeviceTarget, bundle_dir: Path, model: onnx.ModelProto,
+                  board: str | None = None) -> None:
     from frugalrt.targets.cbundle import build_bundle
 
-    build_bundle(mod, device, bundle_dir, golden=read_golden(model))
+    build_bundle(mod, device, bundle_dir, board=board, golden=read_golden(model))  # board: fit checked
 
 
 def cuda_source(executable) -> str:
@@ -168,7 +176,8 @@ def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path) -> None:
     manifest = {
         "target": device.name,
         "artifact": device.artifact,
-        "tvm_target": device.tvm,
+        "tvm_target": target_spec(device),  # what was compiled for: host's detected mcpu included
+        **_cpu_entries(device),  # llvm_target (triple, mcpu, mattr) and cpu_features
         "model_sha256": hashlib.sha256(data).hexdigest(),
         "frugalrt_version": frugalrt.__version__,
         "tvm_version": _tvm_version(),
@@ -178,8 +187,20 @@ def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path) -> None:
         "files": {"lib": LIB_FILES[device.artifact], "model": MODEL,
                   **({"golden": GOLDEN} if golden is not None else {}),
                   **({"bundle": BUNDLE} if device.runner == "qemu-arm" else {})},
+        "sha256": file_digests(out),  # every file but the manifest, checked by Artifact.verify()
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _cpu_entries(device: DeviceTarget) -> dict:
+    """``llvm_target``: the LLVM triple, mcpu and mattr compiled for (None for the C and CUDA targets);
+    ``cpu_features``: what the code may use (x86: the ISA extensions mcpu + mattr enable, checked
+    before a local load; other LLVM targets: the mattr features; [] for C and CUDA)."""
+    llvm = llvm_target_info(device)
+    if llvm is None:
+        return {"llvm_target": None, "cpu_features": []}
+    features = llvm.pop("cpu_features")
+    return {"llvm_target": llvm, "cpu_features": features}
 
 
 def _tvm_version() -> str:

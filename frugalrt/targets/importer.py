@@ -2,8 +2,11 @@
 
 Every node is checked before TVM sees the graph: standard-domain ops go to TVM's Relax ONNX
 frontend, ``ai.frugalrt`` ops to the lowering registered under (domain, op_type, version), and
-anything else is an :class:`UnsupportedOpError` naming domain, op and version. Custom nodes are
-renamed to unique op types (``ai.frugalrt::Butterfly@v1``) for the frontend, which ignores domains.
+anything else is an :class:`UnsupportedOpError` naming domain, op and version. Each ``ai.frugalrt``
+node is then checked against its spec, its parameters must be constants and NaN or infinite
+weights are refused (:func:`frugalrt.export.spec_check.check_model`), so a malformed model fails in
+one line before any Relax is built. Custom nodes are renamed to unique op types
+(``ai.frugalrt::Butterfly@v1``) for the frontend, which ignores domains.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from typing import Any
 import onnx
 
 from frugalrt.errors import ArtifactError, UnsupportedOpError
-from frugalrt.export import schemas
+from frugalrt.export import schemas, spec_check
 from frugalrt.runtime.reference import DOMAIN
 from frugalrt.targets.registry import DeviceTarget, tvm_target
 
@@ -87,6 +90,7 @@ def import_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, target: Any 
     if not isinstance(target, tvm.target.Target):
         target = tvm_target(target if isinstance(target, (str, DeviceTarget)) else "host")
     custom = check_ops(model)
+    spec_check.check_model(model, error=ArtifactError, constant_parameters=True)
     renamed = onnx.ModelProto()
     renamed.CopyFrom(model)
     if batch is not None:

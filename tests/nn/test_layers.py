@@ -1,29 +1,32 @@
 """Each frugal layer against an exact oracle (larq style): float twins on sign()'d tensors."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from frugalrt.nn import BinaryConv2d, BinaryLinear, ButterflyLinear, freeze, sign_ste
-from frugalrt.nn.ops import butterfly_dense_path, pack_bits, sign, unpack_signs
+from frugalrt.nn import BinaryConv2d, BinaryLinear, ButterflyLinear, freeze, ops, sign_ste
+from frugalrt.nn.ops import pack_bits, sign, unpack_signs
 
 
 @pytest.mark.parametrize("n_in,n_out,bias", [(16, 16, True), (20, 13, False), (100, 37, True), (5, 64, True)])
-def test_butterfly_equals_its_dense_matrix(n_in, n_out, bias):
+def test_butterfly_equals_the_spec_matrix(n_in, n_out, bias, butterfly_matrix):
+    """Oracle: the dense matrix of docs/ops.md built by explicit loops from the twiddles (float64)."""
     layer = ButterflyLinear(n_in, n_out, bias=bias)
+    m = butterfly_matrix(layer.twiddles.detach().double().numpy())[:n_out, :n_in]
     x = torch.randn(7, n_in)
-    want = x @ layer.to_dense().T + (layer.bias if bias else 0)
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    want = x.double().numpy() @ m.T + (layer.bias.detach().double().numpy() if bias else 0.0)
+    np.testing.assert_allclose(layer(x).detach().numpy(), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(layer.to_dense().numpy(), m, rtol=1e-5, atol=1e-6 * np.abs(m).max())
 
 
-def test_butterfly_gradient_matches_autograd_of_the_dense_path():
-    layer = ButterflyLinear(20, 13)
-    x = torch.randn(4, 20, requires_grad=True)
-    layer(x).square().sum().backward()
-    got = [x.grad, layer.twiddles.grad, layer.bias.grad]
-    x2, tw, b = (t.detach().clone().requires_grad_() for t in (x, layer.twiddles, layer.bias))
-    butterfly_dense_path(x2, tw, b, 13).square().sum().backward()
-    for g, w in zip(got, [x2.grad, tw.grad, b.grad]):
-        torch.testing.assert_close(g, w)
+@pytest.mark.parametrize("n_in,n_out,bias", [(20, 13, True), (5, 8, False)])
+def test_butterfly_gradients_pass_gradcheck(n_in, n_out, bias):
+    """Oracle: finite differences (torch.autograd.gradcheck, float64) of the opaque custom op."""
+    layer = ButterflyLinear(n_in, n_out, bias=bias).double()
+    x = torch.randn(4, n_in, dtype=torch.float64, requires_grad=True)
+    params = (x, layer.twiddles) + ((layer.bias,) if bias else ())
+    fn = lambda x, tw, b=None: ops.butterfly(x, tw, b, n_out)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, params, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -74,11 +77,51 @@ def test_sign_ste_forward_and_clipped_gradient():
     assert torch.equal(x.grad, torch.arange(7.0) * (x.detach().abs() <= 1))
 
 
-def test_binary_layer_trains_through_ste():
-    layer = BinaryLinear(16, 4)
-    x = torch.randn(8, 16)
-    layer(x).sum().backward()
-    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+def test_binary_linear_gradients_are_the_documented_ste():
+    """Oracle: explicit loops over the formula of SignSTE's docstring (d sign(u)/du := 1{|u| <= 1})
+    applied to y = alpha * sign(x) . sign(W)^T + b, with alpha = mean |W| differentiated exactly."""
+    layer = BinaryLinear(6, 3).double()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # some |W| > 1, so the clip matters on both sides
+    x = (2 * torch.randn(5, 6, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(5, 3, dtype=torch.float64)
+    layer(x).backward(g)
+    X, W, G = x.detach().numpy(), layer.weight.detach().numpy(), g.numpy()
+    sx, sw, alpha = np.where(X >= 0, 1.0, -1.0), np.where(W >= 0, 1.0, -1.0), np.abs(W).mean(1)
+    dx, dw = np.zeros_like(X), np.zeros_like(W)
+    for b in range(5):
+        for n in range(3):
+            s_bn = sum(sx[b, k] * sw[n, k] for k in range(6))
+            for k in range(6):
+                dx[b, k] += G[b, n] * alpha[n] * sw[n, k] * (abs(X[b, k]) <= 1)
+                dw[n, k] += G[b, n] * (alpha[n] * sx[b, k] * (abs(W[n, k]) <= 1) + s_bn * sw[n, k] / 6)
+    assert 0 < (np.abs(W) > 1).sum() and 0 < (np.abs(X) > 1).sum()
+    np.testing.assert_allclose(x.grad.numpy(), dx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.weight.grad.numpy(), dw, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad.numpy(), G.sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_binary_conv_gradients_are_the_documented_ste():
+    """Oracle: autograd of a plain conv2d on u -> sign(u) + (m u - (m u).detach()), m = 1{|u| <= 1}:
+    forward sign(u), gradient 1{|u| <= 1}, as SignSTE documents (no custom autograd.Function)."""
+    layer = BinaryConv2d(2, 3, 3, stride=(2, 1), padding=1).double()
+    with torch.no_grad():
+        layer.weight.mul_(6.0)  # fan-in 18: the init bound is 0.24, so some |W| > 1 now
+    x = (2 * torch.randn(2, 2, 5, 6, dtype=torch.float64)).requires_grad_()
+    assert (layer.weight.abs() > 1).any() and (x.abs() > 1).any()
+    g = torch.randn(2, 3, 3, 6, dtype=torch.float64)
+    layer(x).backward(g)
+    got = (x.grad, layer.weight.grad, layer.bias.grad)
+
+    def ste(u):
+        mu = u * (u.abs() <= 1)
+        return torch.where(u >= 0, 1.0, -1.0).to(u.dtype) + mu - mu.detach()
+
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.bias))
+    y = F.conv2d(ste(x2), ste(w2), stride=(2, 1), padding=1) * w2.abs().mean((1, 2, 3)).reshape(1, -1, 1, 1)
+    (y + b2.reshape(1, -1, 1, 1)).backward(g)
+    for a, b in zip(got, (x2.grad, w2.grad, b2.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 7, 8, 13, 64, 100])

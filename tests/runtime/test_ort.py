@@ -2,12 +2,15 @@
 import numpy as np
 import onnx
 import pytest
+import torch
+import torch.nn.functional as F
 from onnx import helper
 
 from frugalrt.export.schemas import SCHEMAS
 from frugalrt.export.single_op import single_op_model
+from frugalrt.nn import BinaryConv2d, BinaryLinear, ButterflyLinear
 from frugalrt.runtime.ort import make_session, run, session_model
-from frugalrt.runtime.reference import get_reference, pack_bits
+from frugalrt.runtime.reference import pack_bits
 from frugalrt.runtime.validate import ATOL, compare
 
 rng = np.random.default_rng(0)
@@ -22,35 +25,66 @@ def _f32(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-W = _f32(9, 13)
-CW = _f32(4, 3, 3, 2)
-# (name, op, x, constants, attributes given, attributes the reference kernel gets)
+def _np(t):
+    return None if t is None else t.detach().numpy()
+
+
+def _butterfly(bias):
+    layer = ButterflyLinear(20, 13, bias=bias)
+    return [_np(layer.twiddles), _np(layer.bias)], layer
+
+
+def _binary(layer):
+    """The layer's ONNX constants: packed sign bits, XNOR-Net scale, bias (as the exporter writes them)."""
+    return [pack_bits(_np(layer.weight).reshape(layer.weight.shape[0], -1)), _np(layer.weight_scale()),
+            _np(layer.bias)], layer
+
+
+def _asymmetric_conv():
+    """BinaryConv2d pads symmetrically: the oracle is its float twin, conv2d on signs, pads (1, 0, 2, 1)."""
+    w, scale, b = _f32(4, 3, 3, 2), _f32(4), _f32(4)
+    signs = lambda t: torch.where(t >= 0, 1.0, -1.0)  # noqa: E731
+    oracle = lambda x: (F.conv2d(F.pad(signs(x), (0, 1, 1, 2)), signs(torch.from_numpy(w)), stride=(2, 1))  # noqa: E731
+                        * torch.from_numpy(scale).reshape(1, -1, 1, 1) + torch.from_numpy(b).reshape(1, -1, 1, 1))
+    return [pack_bits(w.reshape(4, -1)), scale, b], oracle
+
+
+CONV = dict(in_channels=3, kernel_shape=[3, 2])
+X_GEMM = _f32(5, 13)
+X_GEMM[0, :3] = 0.0  # sign(0) = +1
+# (name, op, x, () -> (constants in schema order, PyTorch oracle), attributes, exact)
 ROWS = [
-    ("butterfly with bias", "Butterfly", _f32(5, 20), [_f32(5, 16, 2, 2), _f32(13)], {"out_features": 13}, None),
-    ("butterfly no bias", "Butterfly", _f32(5, 20), [_f32(5, 16, 2, 2)], {"out_features": 13}, None),
-    ("gemm with bias", "BinaryGemm", _f32(5, 13), [pack_bits(W), np.abs(W).mean(1), _f32(9)], {"in_features": 13}, None),
-    ("gemm no bias", "BinaryGemm", _f32(5, 13), [pack_bits(W), np.abs(W).mean(1)], {"in_features": 13}, None),
-    ("conv all attributes", "BinaryConv", _f32(2, 3, 6, 7), [pack_bits(CW.reshape(4, -1)), _f32(4), _f32(4)],
-     dict(in_channels=3, kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 2, 1]), None),
-    ("conv schema defaults", "BinaryConv", _f32(2, 3, 6, 7), [pack_bits(CW.reshape(4, -1)), _f32(4)],
-     dict(in_channels=3, kernel_shape=[3, 2]), dict(in_channels=3, kernel_shape=[3, 2], strides=[1, 1], pads=[0] * 4)),
+    ("butterfly with bias", "Butterfly", _f32(5, 20), lambda: _butterfly(True), {"out_features": 13}, False),
+    ("butterfly no bias", "Butterfly", _f32(5, 20), lambda: _butterfly(False), {"out_features": 13}, False),
+    ("gemm with bias", "BinaryGemm", X_GEMM, lambda: _binary(BinaryLinear(13, 9)), {"in_features": 13}, True),
+    ("gemm no bias", "BinaryGemm", _f32(5, 13), lambda: _binary(BinaryLinear(13, 9, bias=False)),
+     {"in_features": 13}, True),
+    ("conv asymmetric pads", "BinaryConv", _f32(2, 3, 6, 7), _asymmetric_conv,
+     dict(CONV, strides=[2, 1], pads=[1, 0, 2, 1]), True),
+    ("conv stride and pads", "BinaryConv", _f32(2, 3, 6, 7),
+     lambda: _binary(BinaryConv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), bias=False)),
+     dict(CONV, strides=[2, 1], pads=[1, 0, 1, 0]), True),
+    ("conv schema defaults", "BinaryConv", _f32(2, 3, 6, 7), lambda: _binary(BinaryConv2d(3, 4, (3, 2))), CONV, True),
 ]
 
 
-@pytest.mark.parametrize("name,op,x,consts,attrs,kernel_attrs", ROWS, ids=[r[0] for r in ROWS])
-def test_custom_op_runs_the_reference_kernel(name, op, x, consts, attrs, kernel_attrs):
-    consts = list(consts) + [None] * (3 - len(consts) if op != "Butterfly" else 2 - len(consts))
-    want = get_reference(op)(x, *consts, **(kernel_attrs or attrs))
+@pytest.mark.parametrize("name,op,x,make,attrs,exact", ROWS, ids=[r[0] for r in ROWS])
+def test_custom_op_matches_the_pytorch_layer(name, op, x, make, attrs, exact):
+    """Oracle: the PyTorch layer (or its float twin on signs); binary ops are bit-identical by spec."""
+    consts, torch_fn = make()
+    with torch.no_grad():
+        want = torch_fn(torch.from_numpy(x)).numpy()
     model = single_op_model(op, list(x.shape[1:]), _named(op, consts), attrs)
     onnx.checker.check_model(model, full_check=True)
     (got,) = run(model, [x])
-    np.testing.assert_array_equal(got, want)
     (got1,) = run(make_session(model), [x[:1]])  # dynamic batch
-    np.testing.assert_array_equal(got1, want[:1])
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, **tol)
+    np.testing.assert_allclose(got1, want[:1], **tol)
 
 
 def test_session_copy_rewrites_only_the_copy():
-    model = single_op_model("BinaryConv", [3, 6, 7], {"W_packed": pack_bits(CW.reshape(4, -1)), "scale": _f32(4)},
+    model = single_op_model("BinaryConv", [3, 6, 7], {"W_packed": pack_bits(_f32(4, 18)), "scale": _f32(4)},
                             dict(in_channels=3, kernel_shape=[3, 2]))
     before = model.SerializeToString()
     node = session_model(model).graph.node[0]

@@ -81,13 +81,13 @@ def _expect_device_error(fn, match):
 
 
 def test_wrong_address(digits_rpi4_artifact):
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
+    with socket.socket() as s:  # a port that nothing listens on: held, bound, never listening (Linux
+        s.bind(("127.0.0.1", 0))  # refuses connections to it), so no other process can take it meanwhile
         port = s.getsockname()[1]
-    _expect_device_error(lambda: frugalrt.load(digits_rpi4_artifact, f"rpc://127.0.0.1:{port}"),
-                         "cannot reach RPC server")
-    _expect_device_error(lambda: frugalrt.load(digits_rpi4_artifact, f"tracker://127.0.0.1:{port}/rpi4"),
-                         "cannot reach RPC tracker")
+        _expect_device_error(lambda: frugalrt.load(digits_rpi4_artifact, f"rpc://127.0.0.1:{port}"),
+                             "cannot reach RPC server")
+        _expect_device_error(lambda: frugalrt.load(digits_rpi4_artifact, f"tracker://127.0.0.1:{port}/rpi4"),
+                             "cannot reach RPC tracker")
 
 
 def test_silent_server(digits_rpi4_artifact):

@@ -16,6 +16,34 @@ from frugalrt.targets.cbundle.boards import BOARDS, KB, get_platform
 from frugalrt.targets.cbundle.memory import check_fits
 from frugalrt.targets.cbundle.program import Step
 
+# The emulated tier needs these; without them its tests skip, naming what to install.
+DEBIAN_PACKAGES = {"qemu-system-arm": "qemu-system-arm", "arm-none-eabi-gcc": "gcc-arm-none-eabi",
+                   "newlib": "libnewlib-arm-none-eabi"}
+
+
+def missing_arm_tools(*tools: str) -> list[str]:
+    """``tool (Debian package)`` for each of ``tools`` not installed ("newlib": arm-none-eabi's C library)."""
+    missing = []
+    for tool in tools:
+        if tool == "newlib":
+            gcc = shutil.which("arm-none-eabi-gcc")
+            found = gcc and subprocess.run([gcc, "-print-file-name=librdimon.a"], capture_output=True,
+                                           text=True).stdout.strip() != "librdimon.a"
+        else:
+            found = shutil.which(tool) is not None
+        if not found:
+            missing.append(f"{tool} (Debian package {DEBIAN_PACKAGES[tool]})")
+    return missing
+
+
+@pytest.fixture(scope="session")
+def cortex_m_tools() -> None:
+    """Skip (with the reason) tests that build firmware and run it under qemu-system-arm."""
+    missing = missing_arm_tools("arm-none-eabi-gcc", "newlib", "qemu-system-arm")
+    if missing:
+        pytest.skip(f"Cortex-M emulation needs {', '.join(missing)}: apt-get install "
+                    + " ".join(m.split("package ")[1].rstrip(")") for m in missing))
+
 # --- fast: the arena planner against brute-force checks ------------------------------------------
 
 
@@ -55,6 +83,130 @@ def test_fit_check_names_the_figures():
     with pytest.raises(TargetError, match=r"netduinoplus2 \(1024 KB flash, 128 KB RAM\).*~11\d\d KB flash"):
         check_fits(plan, get_platform("netduinoplus2"))
     check_fits(plan, get_platform("mps2-an386"))  # 4 MB: fits
+
+
+def test_too_big_hint_names_a_board_that_is_bigger():
+    plan = {"weights_bytes": 1100 * KB, "arena_bytes": 4 * KB, "workspace_bytes": 0, "io_bytes": 64,
+            "num_kernels": 2}
+    with pytest.raises(TargetError, match=r"or a bigger board: mps2-an386 \(4096 KB flash, 4096 KB RAM, "
+                                          r"--board mps2-an386\)$"):
+        check_fits(plan, get_platform("netduinoplus2"))
+    plan["weights_bytes"] = 5000 * KB  # fits no board: the hint must not send it to the board that failed
+    for board in ("netduinoplus2", "mps2-an386", "mps2-an500"):
+        with pytest.raises(TargetError) as refused:
+            check_fits(plan, get_platform(board))
+        message = str(refused.value)
+        assert "bigger board" not in message and "\n" not in message
+        assert message.endswith("no board here is bigger than " + board if board != "netduinoplus2" else
+                                "no board here is big enough (the largest, mps2-an386, has 4096 KB flash, "
+                                "4096 KB RAM)"), message
+
+
+# --- compile-time refusals: what a bundle cannot run fails `frugalrt compile`, not the firmware -----
+
+
+def _one_matmul(x_type=TensorProto.FLOAT, x_shape=("batch", 8), y_type=TensorProto.FLOAT, k=8, n=4):
+    """x -> [Cast to float] -> MatMul(w) -> [Cast to y_type] -> y."""
+    nodes, x_name = [], "x"
+    if x_type != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT))
+        x_name = "xf"
+    nodes.append(helper.make_node("MatMul", [x_name, "w"], ["yf" if y_type != TensorProto.FLOAT else "y"]))
+    if y_type != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["yf"], ["y"], to=y_type))
+    w = numpy_helper.from_array(np.ones((k, n), np.float32), "w")
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", x_type, list(x_shape))],
+                              [helper.make_tensor_value_info("y", y_type, [x_shape[0], n])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+REFUSALS = {
+    "int64 input": (_one_matmul(x_type=TensorProto.INT64),
+                    "m.onnx: input 'x' is int64 [batch, 8]: cortex-m4 bundles take and return float32 tensors only "
+                    "(model_run(const float *in, float *out)); cast it to float32 inside the model, or compile "
+                    "for a target with the TVM runtime (host, rpi4)"),
+    "fixed batch 3": (_one_matmul(x_shape=(3, 8)),
+                      "m.onnx: input 'x' is float32 [3, 8], a fixed batch of 3: cortex-m4 bundles run one sample "
+                      "per model_run call and support batch 1 or a dynamic batch (frugalrt export's default); "
+                      "export with batch 1 or a dynamic batch dimension"),
+    "int64 output": (_one_matmul(y_type=TensorProto.INT64),
+                     "m.onnx: output 'y' is int64 [batch, 4]: cortex-m4 bundles take and return float32 tensors "
+                     "only (model_run(const float *in, float *out)); cast it to float32 inside the model, or "
+                     "compile for a target with the TVM runtime (host, rpi4)"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_compile_refuses_what_the_firmware_cannot_run(case, tmp_path, capsys, monkeypatch):
+    """Refused before TVM is even loaded: one line naming the input, its dtype and shape, what works."""
+    from frugalrt.cli import main
+
+    model, message = REFUSALS[case]
+    monkeypatch.chdir(tmp_path)
+    onnx.save(model, "m.onnx")
+    assert main(["compile", "m.onnx", "--target", "cortex-m4", "--out", "m4"]) == 2
+    assert capsys.readouterr().err.strip() == f"frugalrt compile: error: {message}"
+    assert not (tmp_path / "m4").exists()
+    import frugalrt
+
+    with pytest.raises(TargetError) as refused:  # the Python API, for cortex-m7 and a board
+        frugalrt.compile("m.onnx", "cortex-m7", "m7", board="mps2-an500")
+    assert str(refused.value) == message.replace("cortex-m4", "cortex-m7")
+
+
+def test_fixed_batch_1_and_float_models_pass_the_check():
+    from frugalrt.targets.cbundle.check import check_bundle_model
+    from frugalrt.targets.registry import get_target
+
+    for target in ("cortex-m4", "cortex-m7"):
+        check_bundle_model(_one_matmul(x_shape=(1, 8)), get_target(target))
+        check_bundle_model(_one_matmul(), get_target(target), "netduinoplus2")
+    check_bundle_model(_one_matmul(x_type=TensorProto.INT64), get_target("host"))  # the TVM runtime takes int64
+
+
+@pytest.mark.parametrize("target, board, message", [
+    ("host", "netduinoplus2", "--board netduinoplus2: boards are for the Cortex-M targets (cortex-m4, cortex-m7); "
+                              "target host has none"),
+    ("cortex-m4", "stm32", "unknown board 'stm32' for target cortex-m4; boards: mps2-an386, mps2-an500, "
+                           "netduinoplus2"),
+    ("cortex-m4", "armv7", "unknown board 'armv7' for target cortex-m4; boards: mps2-an386, mps2-an500, "
+                           "netduinoplus2"),
+])
+def test_compile_refuses_a_board_it_cannot_use(target, board, message, tmp_path, capsys):
+    from frugalrt.cli import main
+
+    onnx.save(_one_matmul(), tmp_path / "m.onnx")
+    assert main(["compile", str(tmp_path / "m.onnx"), "--target", target, "--out", str(tmp_path / "a"),
+                 "--board", board]) == 2
+    assert capsys.readouterr().err.strip() == f"frugalrt compile: error: {message}"
+
+
+@pytest.mark.compile
+def test_compile_for_a_board_too_small_is_refused_with_a_bigger_board(tmp_path, capsys):
+    """`compile --board netduinoplus2` of 1.25 MB of weights: refused at compile, hint mps2-an386."""
+    from frugalrt.cli import main
+
+    onnx.save(_too_big_model(), tmp_path / "big.onnx")
+    assert main(["compile", str(tmp_path / "big.onnx"), "--target", "cortex-m4", "--out", str(tmp_path / "m4"),
+                 "--board", "netduinoplus2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines of import and build
+    assert err.startswith("frugalrt compile: error: model does not fit netduinoplus2 (1024 KB flash, 128 KB RAM): "
+                          "needs ~1") and "weights 1280.0 KB" in err and "\n" not in err
+    assert err.endswith("or a bigger board: mps2-an386 (4096 KB flash, 4096 KB RAM, --board mps2-an386)")
+    assert not (tmp_path / "m4").exists()
+
+
+@pytest.mark.compile
+def test_compile_for_a_board_that_fits_records_it(tmp_path):
+    import frugalrt
+    from frugalrt.targets.cbundle.run import platform_of
+
+    onnx.save(_one_matmul(), tmp_path / "m.onnx")
+    artifact = frugalrt.compile(tmp_path / "m.onnx", "cortex-m4", tmp_path / "m4", board="netduinoplus2")
+    plan = json.loads((artifact.lib_path / "plan.json").read_text())
+    assert plan["board"] == "netduinoplus2" and plan["estimate"]["flash_bytes"] <= 1024 * KB
+    assert platform_of(artifact, "qemu").name == "netduinoplus2"  # `validate --emulate` runs it there
+    assert platform_of(artifact, "qemu:mps2-an386").name == "mps2-an386"
 
 
 # --- compile tier: bundles of the digits example ----------------------------------------------
@@ -143,6 +295,7 @@ def binary_conv_artifact(tmp_path_factory):
 
 
 @pytest.mark.emulated
+@pytest.mark.usefixtures("cortex_m_tools")
 @pytest.mark.parametrize("board", BOARDS)
 @pytest.mark.parametrize("model", ["digits_bundle", "binary_conv_artifact"])
 def test_bundle_matches_pytorch_on_board(model, board, request):
@@ -157,6 +310,7 @@ def test_bundle_matches_pytorch_on_board(model, board, request):
 
 
 @pytest.mark.emulated
+@pytest.mark.usefixtures("cortex_m_tools")
 def test_cli_validate_emulate(digits_bundle, capsys):
     from frugalrt.cli import main
 
@@ -164,6 +318,7 @@ def test_cli_validate_emulate(digits_bundle, capsys):
 
 
 @pytest.mark.emulated
+@pytest.mark.usefixtures("cortex_m_tools")
 def test_binary_weights_in_flash_of_the_firmware(digits_bundle):
     from frugalrt.targets.cbundle.run import build_firmware
 
@@ -190,6 +345,7 @@ def _broken_firmware(bundle, tmp_path, statement: str):
 
 
 @pytest.mark.emulated
+@pytest.mark.usefixtures("cortex_m_tools")
 @pytest.mark.parametrize("statement, message", [("__builtin_trap();", "faulted"),
                                                 ("for (;;) {}", "did not finish")])
 def test_faulting_or_hanging_firmware_ends_with_device_error(digits_bundle, tmp_path, statement, message):
@@ -209,7 +365,7 @@ def digits_dense_artifact(digits_dense_onnx, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def instruction_counts(digits_bundle, digits_dense_artifact):
+def instruction_counts(cortex_m_tools, digits_bundle, digits_dense_artifact):
     """``count_instructions`` on netduinoplus2 of the frugal and the dense digits model, counted once."""
     from frugalrt.targets.cbundle.run import count_instructions
 
@@ -218,6 +374,7 @@ def instruction_counts(digits_bundle, digits_dense_artifact):
 
 
 @pytest.mark.emulated
+@pytest.mark.usefixtures("cortex_m_tools")
 def test_instruction_counts_frugal_and_dense(instruction_counts):
     frugal, dense = instruction_counts
     assert 0 < frugal["instructions"] < dense["instructions"]
@@ -227,6 +384,7 @@ def test_instruction_counts_frugal_and_dense(instruction_counts):
 
 
 @pytest.mark.emulated
+@pytest.mark.usefixtures("cortex_m_tools")
 def test_cli_profile_emulate_reports_frugal_and_dense_counts(digits_bundle, digits_dense_onnx, instruction_counts,
                                                             tmp_path):
     from frugalrt.cli import main

@@ -4,7 +4,7 @@ Off the host the artifacts are checked without running them: the ELF header of e
 (class and machine), the CUDA source through nvcc for sm_75 and sm_87, the C bundle's files.
 """
 import json
-import shutil
+import platform
 import struct
 
 import numpy as np
@@ -21,17 +21,27 @@ from frugalrt.targets.registry import TARGETS
 
 pytestmark = pytest.mark.compile
 
-# target -> (ELF class: 1 = 32-bit, 2 = 64-bit; e_machine: 62 x86-64, 183 AArch64, 40 ARM)
-ELF = {"host": (2, 62), "x86-64-v1": (2, 62), "rpi4": (2, 183), "rpi3": (2, 183), "android-arm64": (2, 183),
-       "armv7": (1, 40), "rpi-zero": (1, 40)}
+# triple prefix -> (ELF class: 1 = 32-bit, 2 = 64-bit; e_machine: 62 x86-64, 183 AArch64, 40 ARM)
+ELF_OF_TRIPLE = {"x86_64": (2, 62), "aarch64": (2, 183), "arm": (1, 40)}
+SHARED_LIBS = sorted(name for name, t in TARGETS.items() if t.artifact == "shared-lib")
+
+
+def expected_elf(name: str) -> tuple[int, int]:
+    """(class, machine) of a shared-lib target's library: from its triple (``host``: this machine)."""
+    triple = TARGETS[name].tvm.get("mtriple") or platform.machine()
+    return next(elf for prefix, elf in ELF_OF_TRIPLE.items() if triple.startswith(prefix))
 
 
 @pytest.fixture(scope="module")
-def build(digits_onnx, tmp_path_factory):
-    """``build(target)``: the digits example compiled for ``target``, once per module."""
+def build(digits_onnx, tmp_path_factory, need_tools):
+    """``build(target)``: the digits example compiled for ``target``, once per module; skips, naming the
+    Debian package, when the target's linker is missing."""
     cache = {}
 
     def get(name: str):
+        linker = TARGETS[name].cross_cc or ("g++" if TARGETS[name].artifact == "shared-lib" else None)
+        if linker:
+            need_tools(linker, why=f"linking for {name}")
         if name not in cache:
             cache[name] = frugalrt.compile(digits_onnx, name, tmp_path_factory.mktemp("build") / name)
         return cache[name]
@@ -52,20 +62,19 @@ def test_artifact_manifest_and_files(build, target, digits_onnx):
     assert inputs[0].shape == (7, 64) and outputs[0].shape == (7, 10)
 
 
-@pytest.mark.parametrize("target", sorted(ELF))
+@pytest.mark.parametrize("target", SHARED_LIBS)
 def test_library_is_an_elf_for_the_target_cpu(build, target):
     header = build(target).lib_path.read_bytes()[:20]
     assert header[:4] == b"\x7fELF"
-    assert (header[4], struct.unpack("<H", header[18:20])[0]) == ELF[target]
+    assert (header[4], struct.unpack("<H", header[18:20])[0]) == expected_elf(target)
 
 
-def test_cuda_source_compiles_with_nvcc(build):
+def test_cuda_source_compiles_with_nvcc(build, need_tools):
     from frugalrt.targets.compile import check_cuda_source
 
     source = build("cuda").lib_path
     assert "__global__" in source.read_text()
-    if shutil.which("nvcc") is None:
-        pytest.skip("nvcc is not installed (the CUDA toolkit cannot be installed here)")
+    need_tools("nvcc", why="checking the CUDA source")
     assert check_cuda_source(source) == ["sm_75", "sm_87"]
 
 

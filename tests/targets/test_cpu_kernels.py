@@ -1,11 +1,17 @@
-"""PERF's fast CPU kernels (kernels/cpu_*.py) vs the numpy reference (oracle), compiled for the host.
+"""PERF's fast CPU kernels (kernels/cpu_*.py) vs the numpy reference (oracle).
+
+Every kernel is compiled for an x86 CPU named explicitly, never for the CPU LLVM detects here, so
+the same kernels are tested on any machine: ``x86-64`` (baseline: generic kernels, SSE2 only),
+``haswell`` (AVX2: the ``vpshufb`` table GEMM and the byte-count conv) and ``icelake-server``
+(AVX-512 VPOPCNTDQ: the ``vpopcntq`` GEMM and conv). A kernel *runs* where this CPU has every ISA
+extension its target enables (``x86_cpu(...).runs_here``, tests/conftest.py; Haswell code runs on
+AVX-512 machines too) and is otherwise skipped with the reason; whatever the machine,
+``test_lowerings_pick_the_x86_kernels`` compiles each CPU's kernels and inspects their assembly.
 
 Butterfly within 1e-5 relative (the 8x8 blocks change the order of additions), BinaryGemm and
 BinaryConv bit-exact. Shapes cover every pass layout (block only, radix-8 + 1/2-stage tails),
 padding, truncation, the row tiles and their remainder, N not a multiple of 16 and K not of 16,
-odd channel counts, strides 1 and 2 and asymmetric pads. The AVX-512 VPOPCNTDQ kernel cannot run
-on an AVX2 machine: its TIR runs here with 4 lanes, and its 8-lane build is checked for
-``vpopcntq`` in the assembly for an Ice Lake Xeon (compile-only).
+odd channel counts, strides 1 and 2 and asymmetric pads.
 """
 import numpy as np
 import pytest
@@ -14,14 +20,16 @@ from frugalrt.runtime import reference as ref
 
 pytestmark = pytest.mark.compile
 RNG = np.random.default_rng(0)
+GENERIC, AVX2, AVX512 = "x86-64", "haswell", "icelake-server"  # LLVM mcpu of each x86 kernel family
+INSPECTED = "test_lowerings_pick_the_x86_kernels"
 
 
-@pytest.fixture(scope="module")
-def host():
-    import tvm
-    from tvm.target import codegen
-
-    return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+@pytest.fixture
+def cpu(request, x86_cpu):
+    """The X86Cpu named by the test's ``cpu`` parameter (indirect); skips unless this machine runs its code."""
+    c = x86_cpu(request.param)
+    c.require(INSPECTED)
+    return c
 
 
 def run(func, target, *arrays):
@@ -36,7 +44,8 @@ def run(func, target, *arrays):
 @pytest.mark.parametrize("n,width,out,batch", [
     (8, 5, 8, 3), (16, 16, 10, 2), (32, 20, 32, 9), (64, 64, 64, 1), (512, 300, 512, 10), (2048, 2048, 1000, 3),
 ])
-def test_butterfly_cpu_matches_reference(host, n, width, out, batch):
+@pytest.mark.parametrize("cpu", [GENERIC, AVX2], indirect=True)  # every x86 target picks this kernel
+def test_butterfly_cpu_matches_reference(cpu, n, width, out, batch):
     from frugalrt.targets.kernels.butterfly import stage_coefficients
     from frugalrt.targets.kernels.cpu_butterfly import butterfly_primfunc, repack
 
@@ -44,7 +53,7 @@ def test_butterfly_cpu_matches_reference(host, n, width, out, batch):
     bias = RNG.standard_normal(out).astype(np.float32)
     x = RNG.standard_normal((batch, width)).astype(np.float32)
     blocks, stream = repack(*stage_coefficients(tw))
-    y = run(butterfly_primfunc(n, width, out), host, x, blocks, stream, bias, np.zeros((batch, out), np.float32))
+    y = run(butterfly_primfunc(n, width, out), cpu.target, x, blocks, stream, bias, np.zeros((batch, out), np.float32))
     expected = ref.butterfly(x, tw, bias, out_features=out)
     assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
 
@@ -52,18 +61,17 @@ def test_butterfly_cpu_matches_reference(host, n, width, out, batch):
 @pytest.mark.parametrize("split", [True, False])  # one nibble per byte / two (large weights)
 @pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (4, 1000, 64), (9, 4096, 48), (13, 64, 2000),
                                    (3, 200, 96), (6, 1024, 320)])
-def test_binary_gemm_cpu_is_exact(host, m, k, n, split):
-    from frugalrt.targets.kernels.cpu_binary import (OUTS, binary_gemm_primfunc, has_avx2, nibble_tables,
-                                                     padded_scale_bias, repack_weights)
+@pytest.mark.parametrize("cpu", [AVX2], indirect=True)  # the table kernel: AVX2 intrinsics
+def test_binary_gemm_cpu_is_exact(cpu, m, k, n, split):
+    from frugalrt.targets.kernels.cpu_binary import (OUTS, binary_gemm_primfunc, nibble_tables, padded_scale_bias,
+                                                     repack_weights)
 
-    if not has_avx2(host):
-        pytest.skip("host CPU has no AVX2: the generic kernel serves it (tests/targets/test_kernels.py)")
     x = RNG.standard_normal((m, k)).astype(np.float32)
     x[0, : min(k, 5)] = 0.0  # sign(0) = +1
     w = ref.pack_bits(RNG.standard_normal((n, k)))
     scale, bias = RNG.random(n).astype(np.float32) + 0.1, RNG.standard_normal(n).astype(np.float32)
     n_pad = -(-n // OUTS) * OUTS
-    y = run(binary_gemm_primfunc(k, n, n_pad, split), host, x, repack_weights(w, n_pad, split), nibble_tables(),
+    y = run(binary_gemm_primfunc(k, n, n_pad, split), cpu.target, x, repack_weights(w, n_pad, split), nibble_tables(),
             *padded_scale_bias(scale, bias, n_pad), np.zeros((m, n), np.float32))
     np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, bias, in_features=k))
 
@@ -78,24 +86,25 @@ def test_nibble_tables_count_differing_bits():
             assert tables[byte, lane] == bin(nibble ^ (lane % 16)).count("1")
 
 
-def test_binary_gemm_cpu_all_differing_bits_stay_exact(host):
+@pytest.mark.parametrize("cpu", [AVX2], indirect=True)
+def test_binary_gemm_cpu_all_differing_bits_stay_exact(cpu):
     """x = -w everywhere: every step adds its maximum (8), the worst case for the u8 accumulators."""
-    from frugalrt.targets.kernels.cpu_binary import has_avx2, kernel_inputs
+    from frugalrt.targets.kernels.cpu_binary import kernel_inputs
 
-    if not has_avx2(host):
-        pytest.skip("host CPU has no AVX2")
     w = RNG.standard_normal((32, 2048)).astype(np.float32)
     x = -w[:5].copy()
     wp, scale = ref.pack_bits(w), np.ones(32, np.float32)
     func, consts = kernel_inputs(wp, scale, None, 2048)
-    y = run(func, host, x, *consts, np.zeros((5, 32), np.float32))
+    y = run(func, cpu.target, x, *consts, np.zeros((5, 32), np.float32))
     np.testing.assert_array_equal(y, ref.binary_gemm(x, wp, scale, None, in_features=2048))
     assert (y[np.arange(5), np.arange(5)] == -2048).all()
 
 
-@pytest.mark.parametrize("lanes", [4, 8])  # 8 = the AVX-512 kernel's own TIR, legalized by LLVM for this CPU
+# (AVX512, 8) is the shipped kernel (vpopcntq on zmm); elsewhere LLVM legalizes the same TIR (8 lanes, or 4),
+# so its logic is checked bit-exact on AVX2-only and baseline machines too.
+@pytest.mark.parametrize("cpu,lanes", [(AVX512, 8), (AVX2, 8), (AVX2, 4), (GENERIC, 8)], indirect=["cpu"])
 @pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (9, 4096, 48), (13, 64, 200)])
-def test_binary_gemm_vpopcnt_tir_is_exact(host, m, k, n, lanes):
+def test_binary_gemm_vpopcnt_tir_is_exact(cpu, m, k, n, lanes):
     from frugalrt.targets.kernels.cpu_binary_vpopcnt import VECS, repack_words, vpopcnt_gemm_primfunc
 
     x = RNG.standard_normal((m, k)).astype(np.float32)
@@ -103,19 +112,19 @@ def test_binary_gemm_vpopcnt_tir_is_exact(host, m, k, n, lanes):
     w = ref.pack_bits(RNG.standard_normal((n, k)))
     scale, bias = RNG.random(n).astype(np.float32) + 0.1, RNG.standard_normal(n).astype(np.float32)
     n_pad = -(-n // (lanes * VECS)) * lanes * VECS
-    y = run(vpopcnt_gemm_primfunc(k, n, n_pad, lanes), host, x, repack_words(w, n_pad, lanes),
+    y = run(vpopcnt_gemm_primfunc(k, n, n_pad, lanes), cpu.target, x, repack_words(w, n_pad, lanes),
             np.pad(scale, (0, n_pad - n)), np.pad(bias, (0, n_pad - n)), np.zeros((m, n), np.float32))
     np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, bias, in_features=k))
 
 
-def test_vpopcnt_kernel_compiles_for_avx512_xeons():
-    """Compile-only (no AVX-512 machine here): the lowerings pick the 512-bit kernels, which count with ``vpopcntq``."""
+def test_vpopcnt_kernel_compiles_for_avx512_xeons(x86_cpu):
+    """Compile-only, on any machine: the lowerings pick the 512-bit kernels, which count with ``vpopcntq``."""
     import tvm
     from tvm import relax
 
     from frugalrt.targets.kernels import get_lowering
 
-    xeon = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"})
+    xeon = x86_cpu(AVX512).target
     w, wc = ref.pack_bits(RNG.standard_normal((40, 300))), ref.pack_bits(RNG.standard_normal((8, 3 * 9)))
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((tvm.tirx.Var("batch", "int64"), 300), "float32"))
@@ -144,8 +153,10 @@ def test_vpopcnt_kernel_compiles_for_avx512_xeons():
     (1, 7, (12, 13), 5, (3, 3), (2, 3), (0, 2, 1, 0), False),
     (3, 64, (10, 21), 8, (3, 3), (1, 1), (1, 1, 1, 1), True),
 ])
-@pytest.mark.parametrize("lanes", [4, 8])  # 8: the AVX-512 (vpopcntq) variant's TIR, legalized by LLVM here
-def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias, lanes):
+# 4 lanes: the AVX2 variant; 8: the AVX-512 (vpopcntq) one, also legalized by LLVM for AVX2 (AVX2 intrinsics:
+# no baseline variant, the generic conv serves x86-64 and runs in tests/targets/test_kernels.py)
+@pytest.mark.parametrize("cpu,lanes", [(AVX2, 4), (AVX512, 8), (AVX2, 8)], indirect=["cpu"])
+def test_binary_conv_cpu_is_exact(cpu, b, c, hw, o, kernel, strides, pads, bias, lanes):
     from frugalrt.targets.kernels.cpu_binary_conv import binary_conv_primfunc, repack
 
     x = RNG.standard_normal((b, c, *hw)).astype(np.float32)
@@ -157,69 +168,98 @@ def test_binary_conv_cpu_is_exact(host, b, c, hw, o, kernel, strides, pads, bias
     o_pad = words.shape[-1]
     attrs = {"in_channels": c, "kernel_shape": kernel, "strides": strides, "pads": pads}
     expected = ref.binary_conv(x, wp, scale, b_vec, **attrs)
-    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, corr.shape[0], lanes), host, x, words, row_ids, corr,
-            np.pad(scale, (0, o_pad - o)), np.zeros(o_pad, np.float32) if b_vec is None
-            else np.pad(b_vec, (0, o_pad - o)), np.zeros(expected.shape, np.float32))
+    bias_p = np.zeros(o_pad, np.float32) if b_vec is None else np.pad(b_vec, (0, o_pad - o))
+    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, corr.shape[0], lanes), cpu.target, x, words,
+            row_ids, corr, np.pad(scale, (0, o_pad - o)), bias_p, np.zeros(expected.shape, np.float32))
     np.testing.assert_array_equal(y, expected)
 
 
-def test_lowerings_pick_the_cpu_kernels_on_host(host):
-    """The x86 entries of the lowering tables emit the fast kernels; a generic x86-64 (no AVX2) does not.
-    (The BinaryConv kernel's exactness through the lowering: tests/targets/test_kernels.py.)"""
+# mcpu -> (BinaryGemm kernel, an instruction its asm holds), (BinaryConv kernel, ditto), registers no code may use.
+# The butterfly kernel serves every x86 CPU. Baseline code must not touch ymm/zmm (it runs on any x86-64), AVX2
+# code no zmm (it runs on AVX2-only CPUs); AVX-512 without VPOPCNTDQ (x86-64-v4, Skylake-X) keeps the table
+# kernel; with VPOPCNTDQ both count with vpopcntq on zmm.
+_TABLE = (("frugalrt_binary_gemm_cpu", "vpshufb"), ("frugalrt_binary_conv_cpu", "vpsadbw"))
+_VPOPCNT = (("frugalrt_binary_gemm_vpopcnt", "vpopcntq\t%zmm"), ("frugalrt_binary_conv_cpu", "vpopcntq\t%zmm"))
+PICKS = {
+    "x86-64": (("frugalrt_binary_gemm", None), ("frugalrt_binary_conv", None), ("%ymm", "%zmm")),
+    "x86-64-v3": (*_TABLE, ("%zmm",)), "haswell": (*_TABLE, ("%zmm",)), "znver3": (*_TABLE, ("%zmm",)),
+    "x86-64-v4": (*_TABLE, ()), "skylake-avx512": (*_TABLE, ()),
+    "icelake-server": (*_VPOPCNT, ()), "sapphirerapids": (*_VPOPCNT, ()),
+}
+
+
+@pytest.mark.parametrize("mcpu", sorted(PICKS))
+def test_lowerings_pick_the_x86_kernels(x86_cpu, mcpu):
+    """Each named x86 CPU gets its kernels (never the host's choice): compiled and inspected everywhere,
+    run through the Relax VM against the reference where this CPU can run the code."""
     import tvm
     from tvm import relax
 
     from frugalrt.targets.kernels import get_lowering
 
+    cpu = x86_cpu(mcpu)
+    (gemm, gemm_instruction), (conv, conv_instruction), forbidden = PICKS[mcpu]
     tw = RNG.standard_normal((6, 32, 2, 2)).astype(np.float32)
-    w = ref.pack_bits(RNG.standard_normal((32, 64)))
+    w, wc = ref.pack_bits(RNG.standard_normal((32, 64))), ref.pack_bits(RNG.standard_normal((4, 27)))
     scale = np.ones(32, np.float32)
+    conv_attrs = {"in_channels": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tvm.tirx.Var("batch", "int64"), 64), "float32"))
+    img = relax.Var("img", relax.TensorType((tvm.tirx.Var("batch", "int64"), 3, 6, 6), "float32"))
+    with bb.function("main", [x, img]):
+        y = get_lowering("ai.frugalrt", "Butterfly", 1).emit(bb, [x], {"twiddles": tw}, {"out_features": 64},
+                                                             cpu.target)
+        z = get_lowering("ai.frugalrt", "BinaryGemm", 1).emit(bb, [x], {"W_packed": w, "scale": scale},
+                                                              {"in_features": 64}, cpu.target)
+        c = get_lowering("ai.frugalrt", "BinaryConv", 1).emit(
+            bb, [img], {"W_packed": wc, "scale": scale[:4]}, conv_attrs, cpu.target)
+        bb.emit_func_output(relax.Tuple([y, z, c]))
+    mod = bb.get()
+    names = {gv.name_hint for gv in mod.functions}
+    assert {"frugalrt_butterfly_cpu", gemm, conv} <= names, names
+    assert not {"frugalrt_binary_gemm", "frugalrt_binary_gemm_cpu", "frugalrt_binary_gemm_vpopcnt"} - {gemm} & names
+    lib = tvm.compile(mod, target=cpu.target)
+    functions = lib.mod.imports[0].inspect_source("asm").split(".Lfunc_end")  # one chunk per function
+    for name, instruction in ((gemm, gemm_instruction), (conv, conv_instruction)):
+        if instruction:  # a fast kernel holds its instruction
+            assert any(name in f and instruction in f for f in functions), (mcpu, name, instruction)
+    for register in forbidden:  # and nothing the named CPU lacks
+        assert not any(register in f for f in functions), (mcpu, register)
+    if not cpu.runs_here:
+        pytest.skip(f"{mcpu} code compiled and inspected, not run: this CPU lacks {cpu.lacks}")
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    xs = RNG.standard_normal((3, 64)).astype(np.float32)
+    xs[0, :5] = 0.0  # sign(0) = +1
+    imgs = RNG.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    got = [t.numpy() for t in vm["main"](tvm.runtime.tensor(xs), tvm.runtime.tensor(imgs))]
+    expected = ref.butterfly(xs, tw, out_features=64)
+    assert np.abs(got[0] - expected).max() <= 1e-5 * np.abs(expected).max()
+    np.testing.assert_array_equal(got[1], ref.binary_gemm(xs, w, scale, in_features=64))
+    np.testing.assert_array_equal(got[2], ref.binary_conv(imgs, wc, scale[:4], None, **conv_attrs))
 
-    def build(target):
-        bb = relax.BlockBuilder()
-        x = relax.Var("x", relax.TensorType((tvm.tirx.Var("batch", "int64"), 64), "float32"))
-        with bb.function("main", [x]):
-            y = get_lowering("ai.frugalrt", "Butterfly", 1).emit(bb, [x], {"twiddles": tw}, {"out_features": 64}, target)
-            z = get_lowering("ai.frugalrt", "BinaryGemm", 1).emit(bb, [y], {"W_packed": w, "scale": scale},
-                                                                   {"in_features": 64}, target)
-            bb.emit_func_output(z)
-        return bb.get()
 
-    mod = build(host)
-    assert {"frugalrt_butterfly_cpu", "frugalrt_binary_gemm_cpu"} <= {gv.name_hint for gv in mod.functions}
-    vm = relax.VirtualMachine(tvm.compile(mod, target=host), tvm.cpu())
-    x = RNG.standard_normal((3, 64)).astype(np.float32)
-    y = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
-    hidden = ref.butterfly(x, tw, out_features=64)
-    np.testing.assert_array_equal(y, ref.binary_gemm(hidden, w, scale, in_features=64))
-    plain_cpu = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
-    assert "frugalrt_binary_gemm_cpu" not in {gv.name_hint for gv in build(plain_cpu).functions}
-    for target, fast in ((host, True), (plain_cpu, False)):
-        bb = relax.BlockBuilder()
-        img = relax.Var("img", relax.TensorType((1, 3, 6, 6), "float32"))
-        with bb.function("main", [img]):
-            bb.emit_func_output(get_lowering("ai.frugalrt", "BinaryConv", 1).emit(
-                bb, [img], {"W_packed": ref.pack_bits(RNG.standard_normal((4, 27))), "scale": np.ones(4, np.float32)},
-                {"in_channels": 3, "kernel_shape": [3, 3]}, target))
-        assert ("frugalrt_binary_conv_cpu" in {gv.name_hint for gv in bb.get().functions}) == fast
-
-
-@pytest.mark.parametrize("k", [65520, 65536])  # the table kernel's u16 counters reach 65520; beyond, the fallback
-def test_binary_gemm_with_huge_k_stays_exact(host, k):
+# the table kernel's u16 counters reach 65520; beyond, the generic fallback. vpopcnt: u64 counters, any K.
+@pytest.mark.parametrize("mcpu,k,kernel", [(AVX2, 65520, "frugalrt_binary_gemm_cpu"),
+                                           (AVX2, 65536, "frugalrt_binary_gemm"),
+                                           (AVX512, 65536, "frugalrt_binary_gemm_vpopcnt")])
+def test_binary_gemm_with_huge_k_stays_exact(x86_cpu, mcpu, k, kernel):
     """Every bit differs: the counters reach K. The x86 entry must not let them overflow."""
     import tvm
     from tvm import relax
 
     from frugalrt.targets.kernels import get_lowering
 
+    cpu = x86_cpu(mcpu)
     x = -np.ones((1, k), np.float32)  # every bit differs from the all-positive weights: S = -K
     w, scale = ref.pack_bits(np.ones((2, k))), np.ones(2, np.float32)
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType((1, k), "float32"))
     with bb.function("main", [xv]):
         bb.emit_func_output(get_lowering("ai.frugalrt", "BinaryGemm", 1).emit(
-            bb, [xv], {"W_packed": w, "scale": scale}, {"in_features": k}, host))
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=host), tvm.cpu())
+            bb, [xv], {"W_packed": w, "scale": scale}, {"in_features": k}, cpu.target))
+    assert kernel in {gv.name_hint for gv in bb.get().functions}
+    cpu.require(INSPECTED)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=cpu.target), tvm.cpu())
     y = vm["main"](tvm.runtime.tensor(x, tvm.cpu())).numpy()
     np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, in_features=k))
     assert y[0, 0] == -k
@@ -232,7 +272,8 @@ def test_binary_gemm_with_huge_k_stays_exact(host, k):
      {"in_channels": 3, "kernel_shape": [3, 3]}, (1, 3, 6, 6), r"expects \[O, 4\]"),
     ("Butterfly", {"twiddles": np.zeros((3, 4, 2, 2), np.float32)}, {"out_features": 9}, (1, 8), "exceed N=8"),
 ])
-def test_lowerings_reject_inconsistent_shapes(host, op, consts, attrs, x_shape, match):
+@pytest.mark.parametrize("mcpu", [GENERIC, AVX2, AVX512])
+def test_lowerings_reject_inconsistent_shapes(x86_cpu, mcpu, op, consts, attrs, x_shape, match):
     from tvm import relax
 
     from frugalrt.errors import UnsupportedOpError
@@ -241,7 +282,7 @@ def test_lowerings_reject_inconsistent_shapes(host, op, consts, attrs, x_shape, 
     bb = relax.BlockBuilder()
     xv = relax.Var("x", relax.TensorType(x_shape, "float32"))
     with pytest.raises(UnsupportedOpError, match=match), bb.function("main", [xv]):
-        get_lowering("ai.frugalrt", op, 1).emit(bb, [xv], consts, attrs, host)
+        get_lowering("ai.frugalrt", op, 1).emit(bb, [xv], consts, attrs, x86_cpu(mcpu).target)
 
 
 def test_kernel_scratch_is_not_heap_memory():

@@ -1,7 +1,12 @@
-"""Every ai.frugalrt op compiled for ``host`` vs the numpy reference (oracle), batch 1 and 7.
+"""Every ai.frugalrt op imported from ONNX and compiled for each x86 kernel family vs the numpy
+reference (oracle), batch 1 and 7.
 
-Each case is one single-node ONNX model (``single_op_model``), compiled once (module fixture)
-and run on several batches, with zeros in X to pin sign(0) = +1.
+The CPUs are named explicitly (never the one LLVM detects here), so every kernel family is covered
+whatever the machine: ``x86-64`` (generic kernels), ``haswell`` (AVX2 table GEMM, byte-count conv)
+and ``icelake-server`` (AVX-512 ``vpopcntq`` GEMM and conv). A case runs where this CPU has what its
+code may use and is skipped otherwise (tests/targets/test_cpu_kernels.py compiles and inspects the
+kernels of every CPU on any machine). Each case is one single-node ONNX model (``single_op_model``),
+compiled once (module fixture) and run on several batches, with zeros in X to pin sign(0) = +1.
 """
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from frugalrt.runtime import reference as ref
 
 pytestmark = pytest.mark.compile
 BATCHES = (1, 7)
+CPUS = ("x86-64", "haswell", "icelake-server")  # generic, AVX2, AVX-512 VPOPCNTDQ kernels
 RNG = np.random.default_rng(0)
 
 
@@ -53,16 +59,19 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def compiled(request):
+@pytest.fixture(scope="module", params=[(case, cpu) for cpu in CPUS for case in sorted(CASES)],
+                ids=lambda p: f"{p[1]}-{p[0]}")
+def compiled(request, x86_cpu):
     import tvm
     from tvm import relax
 
     from frugalrt.targets.importer import import_onnx
-    from frugalrt.targets.registry import tvm_target
 
-    op, x_dims, consts, attrs, oracle = CASES[request.param]
-    target = tvm_target("host")
+    case, mcpu = request.param
+    cpu = x86_cpu(mcpu)
+    cpu.require("tests/targets/test_cpu_kernels.py::test_lowerings_pick_the_x86_kernels")
+    op, x_dims, consts, attrs, oracle = CASES[case]
+    target = cpu.target
     mod = import_onnx(single_op_model(op, x_dims, consts, attrs), target)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     return (lambda x: vm["main"](tvm.runtime.tensor(x)).numpy()), x_dims, oracle

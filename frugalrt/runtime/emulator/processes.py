@@ -6,6 +6,8 @@ server keeps its pid and the kernel's start time of that pid: a recycled pid is 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -97,23 +99,54 @@ def records() -> list[ServerRecord]:
     return out
 
 
+@contextlib.contextmanager
+def _names_locked():
+    """Held while a name is chosen and its record first saved: two starts never take one name."""
+    with open(state_dir() / ".names.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
 def free_name(base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``... if a running server (or a fresh record) has it."""
     taken = {r.name for r in records()} | {p.stem for p in state_dir().glob("*.json")}
     if base not in taken:
         return base
     return next(f"{base}-{i}" for i in range(2, 10_000) if f"{base}-{i}" not in taken)
 
 
+def check_name_free(name: str) -> None:
+    """DeviceError (one line: which device, how to stop it) if a running server is called ``name``."""
+    rec = next((r for r in records() if r.name == name), None)
+    if rec is not None:
+        where = f" at {rec.address}" if rec.address else " (still starting)"
+        raise DeviceError(f"a device named {name!r} is already running ({rec.kind}{where}); stop it with "
+                          f"`frugalrt device stop {name}` or choose another --name")
+
+
 def spawn(name: str, kind: str, argv: list[str], host: str, options: dict,
-          timeout: float = 60.0) -> ServerRecord:
-    """Start ``argv`` (a ``serve.py`` command) in a new session; wait for its ready line."""
-    log = state_dir() / f"{name}-{time.time_ns()}.log"  # unique: a stale stop must not delete it
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    rec = ServerRecord(name, kind, proc.pid, _start_time(proc.pid) or 0, "", str(log), options)
+          timeout: float = 60.0, numbered: bool = False) -> ServerRecord:
+    """Start ``argv`` (a ``serve.py`` command) in a new session; wait for its ready line
+    (``FRUGALRT_READY <port>``: the server reports the port it bound).
+
+    ``name`` must be free (else DeviceError); with ``numbered`` a taken name becomes ``name-2``, ...
+    The name is claimed atomically: its record is saved, under a lock, before the server is ready."""
+    with _names_locked():
+        if numbered:
+            name = free_name(name)
+        else:
+            check_name_free(name)
+        log = state_dir() / f"{name}-{time.time_ns()}.log"  # unique: a stale stop must not delete it
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        rec = ServerRecord(name, kind, proc.pid, _start_time(proc.pid) or 0, "", str(log), options)
+        try:
+            rec.save()  # saved before it is ready, so `device stop --all` finds a server stuck starting
+        except BaseException:
+            stop(rec)
+            raise
     try:
-        rec.save()  # saved before it is ready, so `device stop --all` finds a server stuck starting
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             m = _READY.search(log.read_bytes())

@@ -8,6 +8,10 @@ Modes: ``server`` prints ``FRUGALRT_READY <port>`` once bound and serves until i
 is ended; it also registers ``frugalrt.device_info`` and ``frugalrt.vm_op_profile`` so a client can
 profile per op *on the device* (an instrument callback cannot cross RPC). ``tracker`` runs a TVM
 RPC tracker. ``count`` runs a model N times in C++ (time evaluator) for instruction counting.
+
+Ports: without ``--port`` a server or tracker binds port 0 (the kernel picks a free port, so no
+other process can take it between choosing and binding) and its ready line is how the parent
+learns the port; with ``--port`` it binds that one (``--port-end`` for a range), or exits.
 """
 import argparse
 import json
@@ -92,12 +96,46 @@ def _count(lib: str, inputs: str, number: int, expect: str) -> None:
         vm.time_evaluator("invoke_stateful", dev, number=number, repeat=1)("main")
 
 
+def _bind_any(host: str):
+    """A listening socket on ``host`` at a port the kernel picks (bind to port 0), and that port.
+
+    TVM's in-process starters scan ``[port, port_end)`` and treat port 0 as a failure, so a parent
+    had to guess a free port first (bind, close, pass it on): another process could take it in
+    between. Binding here and handing the socket to TVM's own serving loops has no such window."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen(1)
+    return sock, sock.getsockname()[1]
+
+
+def _serve_on_any_port(mode: str, host: str, tracker, key: str) -> int:
+    """What ``_popen_start_{rpc,tracker}_server`` do (a thread running TVM's loop on a bound
+    socket), on a socket bound to port 0; returns the port."""
+    import threading
+
+    sock, port = _bind_any(host)
+    if mode == "tracker":
+        from tvm.rpc import base
+        from tvm.rpc.tracker import _tracker_server
+
+        loop, args = _tracker_server, (sock, base.random_key("tracker"))
+    else:
+        from tvm.rpc.server import _listen_loop
+
+        loop, args = _listen_loop, (sock, port, key, tracker, None, None)
+    threading.Thread(target=loop, args=args).start()
+    return port
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["server", "tracker", "count"])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9090)
-    p.add_argument("--port-end", type=int, default=9199)
+    p.add_argument("--port", type=int, help="first port to try (default: any free port, chosen by the kernel)")
+    p.add_argument("--port-end", type=int, help="end of the port range to try (default: --port + 1)")
     p.add_argument("--tracker", help="host:port of an RPC tracker to register with")
     p.add_argument("--key", default="")
     p.add_argument("--kind", default="host", help="device kind reported by frugalrt.device_info")
@@ -108,19 +146,22 @@ def main() -> None:
     a = p.parse_args()
     if a.mode == "count":
         return _count(a.lib, a.inputs, a.number, a.expect_code)
-    if a.mode == "tracker":
-        from tvm.rpc.tracker import _popen_start_tracker_server
-
-        port, _ = _popen_start_tracker_server(a.host, a.port, a.port_end)
-    else:
-        from tvm.rpc.server import _popen_start_rpc_server
-
+    tracker = None
+    if a.mode == "server":
         _register(a.kind)
-        tracker = None
         if a.tracker:
             host, _, tport = a.tracker.rpartition(":")
             tracker = (host, int(tport))
-        port = _popen_start_rpc_server(a.host, a.port, a.port_end, tracker_addr=tracker, key=a.key)
+    if a.port is None:
+        port = _serve_on_any_port(a.mode, a.host, tracker, a.key)
+    elif a.mode == "tracker":
+        from tvm.rpc.tracker import _popen_start_tracker_server
+
+        port, _ = _popen_start_tracker_server(a.host, a.port, a.port_end or a.port + 1)
+    else:
+        from tvm.rpc.server import _popen_start_rpc_server
+
+        port = _popen_start_rpc_server(a.host, a.port, a.port_end or a.port + 1, tracker_addr=tracker, key=a.key)
     print(f"FRUGALRT_READY {port}", flush=True)  # the serving thread keeps the process alive
 
 

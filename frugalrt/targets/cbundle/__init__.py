@@ -3,6 +3,8 @@
 ``build_bundle`` writes TVM's C-codegen kernels, a generated straight-line driver over the module's
 ``call_tir`` bindings (batch specialized to 1), the weights as flash constants, a static
 lifetime-planned activation arena, the runtime shim, board files, a Makefile and a README.
+``check_bundle_model`` refuses, before anything is built, what the bundle cannot run (non-float32
+inputs or outputs, a fixed batch above 1, a ``board`` that is not a Cortex-M board).
 """
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from frugalrt._atomic import atomic_path
 from frugalrt.targets.cbundle import emit, project
 from frugalrt.targets.cbundle.arena import lifetimes_of, plan_arena
 from frugalrt.targets.cbundle.boards import PLATFORMS, platform_for
+from frugalrt.targets.cbundle.check import check_bundle_model
 from frugalrt.targets.cbundle.memory import check_fits, format_table
 from frugalrt.targets.cbundle.program import Program, compile_kernels, extract_program
 
-__all__ = ["build_bundle", "write_inputs"]
+__all__ = ["build_bundle", "check_bundle_model", "write_inputs"]
 
 _INCLUDES = re.compile(r'(#define TVM_EXPORTS\n)?(#include "tvm/[^"]+"\n)+')
 _SYMBOL = re.compile(r"^TVM_DLL int32_t (__tvm_ffi_(\w+))\(", re.M)

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 from frugalrt.errors import TargetError
-from frugalrt.targets.cbundle.boards import KB, Platform
+from frugalrt.targets.cbundle.boards import KB, PLATFORMS, Platform
 
 # Upper bounds for the code of a bundle's firmware, calibrated on arm-none-eabi-gcc -O2 builds:
 # newlib (stdio over semihosting, libm) plus the runtime shim, and each TVM kernel.
@@ -35,8 +35,29 @@ def check_fits(plan: dict, platform: Platform) -> dict:
             f"{(est['flash_bytes'] - plan['weights_bytes']) / KB:.0f} KB) and ~{est['ram_bytes'] / KB:.0f} KB RAM "
             f"(arena {plan['arena_bytes'] / KB:.1f} KB + workspace {plan['workspace_bytes'] / KB:.1f} KB + "
             f"I/O {plan['io_bytes'] / KB:.1f} KB + heap/stack {(platform.heap_bytes + platform.stack_bytes) / KB:.0f}"
-            " KB). Use binary/butterfly layers or fewer features, or a bigger board (mps2-an386)")
+            f" KB). Use binary/butterfly layers or fewer features{_bigger_board_hint(est, platform)}")
     return est
+
+
+def boards_that_fit(est: dict, platform: Platform) -> list[Platform]:
+    """The other boards whose flash and RAM hold ``est`` (necessarily bigger than ``platform`` where it
+    failed), same CPU first, then smallest first."""
+    fits = [p for p in PLATFORMS.values() if p.bare_metal and p.name != platform.name
+            and p.flash[1] >= est["flash_bytes"] and p.ram[1] >= est["ram_bytes"]]
+    return sorted(fits, key=lambda p: (p.cflags != platform.cflags, p.flash[1] + p.ram[1]))
+
+
+def _bigger_board_hint(est: dict, platform: Platform) -> str:
+    fits = boards_that_fit(est, platform)
+    if fits:
+        best = fits[0]
+        return (f", or a bigger board: {best.name} ({best.flash[1] // KB} KB flash, {best.ram[1] // KB} KB RAM, "
+                f"--board {best.name})")
+    largest = max((p for p in PLATFORMS.values() if p.bare_metal), key=lambda p: p.flash[1] + p.ram[1])
+    if platform.flash[1] + platform.ram[1] >= largest.flash[1] + largest.ram[1]:
+        return f"; no board here is bigger than {platform.name}"
+    return f"; no board here is big enough (the largest, {largest.name}, has {largest.flash[1] // KB} KB flash, " \
+           f"{largest.ram[1] // KB} KB RAM)"
 
 
 def measure(elf: str | Path, platform: Platform) -> dict:

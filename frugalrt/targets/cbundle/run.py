@@ -51,16 +51,29 @@ def bundle_of(artifact: Artifact) -> Path:
 
 
 def platform_of(artifact: Artifact, device: str) -> Platform:
-    """``qemu`` -> the target's own platform; ``qemu:BOARD`` -> that board (c-bundle artifacts)."""
+    """``qemu`` -> the board the bundle was compiled for (``compile --board``; else the target's own
+    platform); ``qemu:BOARD`` -> that board (c-bundle artifacts)."""
     board = device.split(":", 1)[1] if ":" in device else ""
     if not board:
-        return get_platform(DEFAULT_PLATFORM.get(artifact.target, "mps2-an386"))
+        compiled_for = _plan_board(artifact)
+        return get_platform(compiled_for or DEFAULT_PLATFORM.get(artifact.target, "mps2-an386"))
     if artifact.kind != "c-bundle":
         raise DeviceError(f"device {device!r}: boards are for Cortex-M c-bundle artifacts; run this "
                           f"{artifact.target} artifact with device 'qemu'")
     if board not in BOARDS:
         raise DeviceError(f"unknown board {board!r} in device {device!r}; boards: {', '.join(BOARDS)}")
     return get_platform(board)
+
+
+def _plan_board(artifact: Artifact) -> Optional[str]:
+    """The Cortex-M board recorded in a c-bundle artifact's plan.json, if any."""
+    if artifact.kind != "c-bundle":
+        return None
+    try:
+        board = json.loads((artifact.lib_path / "plan.json").read_text()).get("board")
+    except (OSError, ValueError):
+        return None
+    return board if board in BOARDS else None
 
 
 def _digest(bundle: Path) -> str:

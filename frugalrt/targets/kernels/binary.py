@@ -20,6 +20,7 @@ from frugalrt.targets.kernels import (conv_output_shape, pack_words, pick_kernel
 from frugalrt.targets.kernels.cpu_binary import emit_binary_gemm_aarch64, emit_binary_gemm_x86
 from frugalrt.targets.kernels.cpu_binary_conv import emit_binary_conv_x86
 from frugalrt.targets.kernels.schedules import emit_kernel
+from frugalrt.targets.tvm_bridge import check_spec
 
 
 def _output(acc: te.Tensor, taps, scale: te.Tensor, bias: te.Tensor | None, channel_axis: int) -> te.Tensor:
@@ -151,6 +152,7 @@ class BinaryGemmLowering:
         k = int(attrs["in_features"])
         if w.shape[1] != (k + 7) // 8:
             raise UnsupportedOpError(f"ai.frugalrt::BinaryGemm v1: W_packed {w.shape} does not fit in_features={k}")
+        check_spec("BinaryGemm", inputs, consts, attrs)  # the whole of docs/ops.md: scale, B, X, pad bits, NaN
         kernel = pick_kernel(self.KERNELS, target)
         return kernel(bb, inputs[0], w, scale, bias, k, target)
 
@@ -180,5 +182,6 @@ class BinaryConvLowering:
                 f"ai.frugalrt::BinaryConv v1: input [batch, {c}, {h}, {wd}], in_channels={attrs['in_channels']}, "
                 f"W_packed {w.shape} (expects [O, {(kdim + 7) // 8}]), kernel {kernel_shape}, strides {strides}, "
                 f"pads {pads} -> output {oh}x{ow}: inconsistent")
+        check_spec("BinaryConv", inputs, consts, attrs)  # the whole of docs/ops.md: scale, B, pad bits, NaN
         kernel = pick_kernel(self.KERNELS, target)
         return kernel(bb, inputs[0], w, scale, bias, kernel_shape, strides, pads, target)

@@ -13,10 +13,10 @@ import numpy as np
 from tvm import relax, te, tirx
 
 from frugalrt.errors import UnsupportedOpError
-from frugalrt.runtime.reference import butterfly_stages
 from frugalrt.targets.kernels import pick_kernel, register_lowering
 from frugalrt.targets.kernels.cpu_butterfly import emit_butterfly_cpu
 from frugalrt.targets.kernels.schedules import emit_kernel
+from frugalrt.targets.tvm_bridge import check_spec
 
 
 def stage_coefficients(twiddles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,12 +79,13 @@ class ButterflyLowering:
             raise UnsupportedOpError("ai.frugalrt::Butterfly v1: twiddles and B must be constant "
                                      "initializers (re-export the model with its parameters)")
         twiddles = consts["twiddles"].astype(np.float32)
-        n = 2 * twiddles.shape[1]
-        butterfly_stages(n)  # validates N
         width, out = inputs[0].ty.shape.values[-1], int(attrs["out_features"])
-        if out > n or (isinstance(width, tirx.IntImm) and width.value > n):
+        n = 2 * twiddles.shape[1] if twiddles.ndim == 4 else None
+        if n is not None and (out > n or (isinstance(width, tirx.IntImm) and width.value > n)):
             raise UnsupportedOpError(f"ai.frugalrt::Butterfly v1: in_features={width}, out_features={out} "
                                      f"exceed N={n} of twiddles {list(twiddles.shape)}")
+        # the whole of docs/ops.md (the importer checked the model already): N = 2^L, B, X, finite
+        check_spec("Butterfly", inputs, consts, attrs)
         own, other = stage_coefficients(twiddles)
         bias = consts.get("B")
         kernel = pick_kernel(self.KERNELS, target)
