@@ -37,6 +37,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _number(kind: type, minimum: float, name: str, maximum: float = float("inf")) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` in [minimum, maximum] (argparse names the option on error)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not (minimum <= value <= maximum < float("inf") or minimum <= value < maximum):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's message: "invalid float value"
+    return parse
+
+
+TOLERANCE = _number(float, 0.0, "a finite number >= 0")
+COUNT = _number(int, 1, "an integer >= 1")
+ZERO_OR_MORE = _number(int, 0, "an integer >= 0")
+PORT = _number(int, 1, "a port number (1-65535)", 65535)
+POSITIVE = _number(float, 1e-300, "a positive number")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="frugalrt", description=__doc__.splitlines()[0])
     debug = dict(action="store_true", help="on error, print the full traceback")
@@ -187,11 +207,11 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
                    help="local (default), rpc://HOST:PORT, tracker://HOST:PORT/KEY, qemu or qemu:BOARD")
     p.add_argument("--emulate", action="store_true", help="run under qemu (same as --device qemu:BOARD)")
     p.add_argument("--board", help="qemu board for --emulate (e.g. mps2-an386)")
-    p.add_argument("--rtol", type=float, default=1e-4,
+    p.add_argument("--rtol", type=TOLERANCE, default=1e-4,
                    help="relative tolerance of float outputs (default %(default)g): each value must be within "
                         "atol + rtol*|ref| + 4*eps32*sqrt(K)*max|ref|, K the model's accumulation length (the "
                         "sum of its MatMul/Conv/Butterfly/binary reduction lengths), max|ref| the output's scale")
-    p.add_argument("--atol", type=float, default=1e-5,
+    p.add_argument("--atol", type=TOLERANCE, default=1e-5,
                    help="absolute tolerance of float outputs (default %(default)g), added to the float32 noise "
                         "floor above; integer outputs are compared exactly, NaN/inf as IEEE values")
 
@@ -226,7 +246,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     s = sub.add_parser("start", help="start a device; prints its address rpc://HOST:PORT")
     s.add_argument("kind", choices=list(DEVICE_KINDS),
                    help="; ".join(f"{k}: {d}" for k, (d, _) in DEVICE_KINDS.items()))
-    s.add_argument("--port", type=int, help="port to listen on (default: a free one)")
+    s.add_argument("--port", type=PORT, help="port to listen on (default: a free one)")
     s.add_argument("--name", help="name for stop/list; an explicit name must not be in use "
                    "(default: the kind, numbered if taken)")
     s.add_argument("--tracker", metavar="HOST:PORT", help="register with this RPC tracker")
@@ -237,7 +257,7 @@ def _device_args(p: argparse.ArgumentParser) -> None:
     sub.add_parser("list", help="show running devices and trackers")
     tr = sub.add_parser("tracker", help="start a TVM RPC tracker; prints tracker://HOST:PORT")
     tr.add_argument("tracker_action", choices=["start"])
-    tr.add_argument("--port", type=int)
+    tr.add_argument("--port", type=PORT)
 
 
 @command("device", "start, stop and list emulated devices and RPC trackers", _device_args)
@@ -267,13 +287,13 @@ def _device(args: argparse.Namespace) -> int:
 def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact directory written by `frugalrt compile`")
     p.add_argument("--device", default="local", help="local (default), rpc://HOST:PORT or tracker://HOST:PORT/KEY")
-    p.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
+    p.add_argument("--runs", type=COUNT, default=100, help="timed runs (default 100)")
+    p.add_argument("--warmup", type=ZERO_OR_MORE, default=10, help="untimed warm-up runs (default 10)")
     p.add_argument("--baseline", metavar="MODEL.onnx", help="also compile and profile this model (e.g. the "
                    "dense equivalent) for the same target and print the ratio")
     p.add_argument("--json", metavar="OUT.json", help="write the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="write a latency histogram and per-op bars (matplotlib)")
-    p.add_argument("--devices", type=int, default=1, help="with a tracker device: profile K devices in parallel")
+    p.add_argument("--devices", type=COUNT, default=1, help="with a tracker device: profile K devices in parallel")
     p.add_argument("--no-count", action="store_true", help="skip the instruction count on emulated devices")
     p.add_argument("--emulate", action="store_true", help="c-bundle/armv7 artifacts: instruction count under qemu")
     p.add_argument("--board", help="qemu board for --emulate (e.g. mps2-an386)")
@@ -335,9 +355,9 @@ def _compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", required=True, metavar="NAME",
                    help="names of nn.Linear layers to replace (as in model.named_modules(), e.g. 0 2 or fc1)")
     p.add_argument("--out", required=True, help="compressed model to write: .onnx (frugalrt export) or .pt2")
-    p.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
+    p.add_argument("--finetune", type=ZERO_OR_MORE, default=0, metavar="EPOCHS",
                    help="fine-tune the compressed model for EPOCHS on finetune_data() (default 0)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate for fine-tuning (default 1e-3)")
+    p.add_argument("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate for fine-tuning (default 1e-3)")
 
 
 @command("compress", "replace nn.Linear layers by butterfly factorizations, fine-tune, export", _compress_args)

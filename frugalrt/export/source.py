@@ -140,7 +140,7 @@ def _from_archive(path: Path):
     except Exception as e:
         raise ExportError(f"{path}: not a readable torch.export archive, or one holding pickled objects "
                           f"beyond tensors (loaded weights-only; {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+                          f"{str(e).strip().split('. ')[0].splitlines()[0] if str(e).strip() else ''})") from e
     if program.example_inputs is None:
         raise ExportError(f"{path}: the archive stores no example inputs; save it from "
                           f"torch.export.export(model, example_inputs) or use file.py:factory")

@@ -160,11 +160,11 @@ def spawn(name: str, kind: str, argv: list[str], host: str, options: dict,
     except BaseException:
         stop(rec)
         raise
-    tail = log.read_text(errors="replace")[-1500:]
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     why = f"exited with code {proc.returncode}" if proc.poll() is not None else \
         f"did not report ready within {timeout:.0f} s"
     stop(rec)
-    raise DeviceError(f"{kind} server {name!r} {why}; its log:\n{tail}")
+    raise DeviceError(f"{kind} server {name!r} {why}: {lines[-1] if lines else 'no output'}")
 
 
 def _reap(pid: int) -> None:
