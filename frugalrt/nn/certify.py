@@ -7,9 +7,13 @@
   *Tighter risk certificates for neural networks*) do. Holds with probability >= 1 - delta - delta_mc.
   When the posterior was selected among ``union`` settings, each setting's certificate uses
   delta / union and delta_mc / union (union bound), so the total stays 1 - delta - delta_mc.
+* One network h drawn from Q (the deployed network): the disintegrated PAC-Bayes-kl bound
+  ``kl(R_S(h) || R(h)) <= (ln dQ/dP(h) + ln(2 sqrt(n) / delta)) / n`` (Rivasplata et al., NeurIPS
+  2020, Th. 1(i), with Maurer's 2 sqrt(n)); it holds with probability >= 1 - delta over S *and* the
+  draw, for the drawn network itself, without a test set (docs/pacbayes.md).
 * Deterministic predictor on a held-out test set of n examples with k errors: the binomial tail
   inversion ``sup{p : P[Binomial(n, p) <= k] >= delta}`` (Langford, JMLR 2005), i.e. the
-  Clopper-Pearson upper limit. It certifies exactly the network that gets exported.
+  Clopper-Pearson upper limit.
 
 A bound that is >= the error of uniform guessing (1 - 1/classes) says nothing: it is marked
 ``vacuous`` and still reported.
@@ -22,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
+
+
+BOUNDS = ("pac-bayes-kl", "disintegrated-pac-bayes-kl", "test-set-binomial")  # Certificate.name
 
 
 def kl_bernoulli(q: float, p: float) -> float:
@@ -65,10 +72,13 @@ def binomial_tail_inversion(errors: int, n: int, delta: float) -> float:
 class Certificate:
     """An upper bound on the 0-1 risk of a predictor, holding with probability >= 1 - confidence_loss.
 
-    ``kind`` is "stochastic" (PAC-Bayes-kl on the posterior's Gibbs predictor) or "deterministic"
-    (binomial tail inversion on a held-out set). ``empirical_risk`` is the error measured on the n
-    examples (Monte Carlo estimate for the stochastic predictor). ``delta`` and ``delta_mc`` are
-    totals: with ``union`` > 1 each was split evenly over the union's settings.
+    ``kind`` is "stochastic" (the posterior's Gibbs predictor) or "deterministic" (one fixed network);
+    ``name`` the bound (:data:`BOUNDS`), ``method`` its references. ``empirical_risk`` is the error
+    measured on the n examples (Monte Carlo estimate for the stochastic predictor). ``delta`` and
+    ``delta_mc`` are totals: with ``union`` > 1 (settings compared) and ``candidates`` > 1 (networks
+    drawn, the best kept) each was split evenly over them. ``data_dependent_prior``, ``splits`` (sizes
+    of the prior, bound and test splits) and ``prior_only_bound`` (the same bound for Q = P) are
+    filled in by the caller that knows them.
     """
 
     kind: str
@@ -83,6 +93,12 @@ class Certificate:
     empirical_risk_bound: Optional[float] = None
     union: int = 1
     method: str = ""
+    name: str = ""
+    log_density_ratio: Optional[float] = None
+    candidates: int = 1
+    data_dependent_prior: Optional[bool] = None
+    splits: dict = field(default_factory=dict)
+    prior_only_bound: Optional[float] = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -110,6 +126,8 @@ class Certificate:
                  f"n={self.n}"]
         if self.kl is not None:
             parts.append(f"KL={self.kl:.2f}")
+        if self.log_density_ratio is not None:
+            parts.append(f"ln dQ/dP={self.log_density_ratio:.2f} (best of {self.candidates} draws)")
         if self.mc_samples is not None:
             parts.append(f"MC m={self.mc_samples} (empirical risk <= {self.empirical_risk_bound:.4f})")
         return ", ".join(parts)
@@ -135,14 +153,29 @@ def stochastic_certificate(mc_errors: np.ndarray, kl: float, n: int, classes: in
     risk_bound = kl_inverse_upper(risk, math.log(2.0 / (delta_mc / union)) / m)
     bound = pac_bayes_kl_bound(risk_bound, kl, n, delta / union)
     return Certificate("stochastic", bound, risk, n, delta, classes, kl=float(kl), mc_samples=m,
-                       delta_mc=delta_mc, empirical_risk_bound=risk_bound, union=union,
+                       delta_mc=delta_mc, empirical_risk_bound=risk_bound, union=union, name=BOUNDS[0],
                        method="PAC-Bayes-kl (Maurer 2004) + kl-Chernoff bound on the Monte Carlo estimate "
                               "(Langford & Caruana 2001; Hoeffding 1963)",
                        extra={"draws": int(len(mc_errors))})
+
+
+def disintegrated_certificate(errors: int, n: int, log_density_ratio: float, classes: int, delta: float,
+                              union: int = 1, candidates: int = 1) -> Certificate:
+    """Bound for one network h drawn from Q with ``errors`` mistakes on the n bound examples:
+    ``kl^-1(errors / n, (ln dQ/dP(h) + ln(2 sqrt(n) / delta')) / n)``, delta' = delta / (union *
+    candidates) when ``candidates`` draws were certified and the best kept (union bound). A right-hand
+    side below 0 cannot hold (kl >= 0): that draw fell in the failure event and gets the bound 1."""
+    c = (log_density_ratio + math.log(2.0 * math.sqrt(n) * union * candidates / delta)) / n
+    bound = kl_inverse_upper(errors / n, c) if c >= 0 else 1.0
+    return Certificate("deterministic", bound, errors / n, n, delta, classes, union=union, name=BOUNDS[1],
+                       log_density_ratio=float(log_density_ratio), candidates=int(candidates),
+                       method="disintegrated PAC-Bayes-kl on a posterior draw (Rivasplata et al. 2020, Th. 1(i); "
+                              "Maurer 2004)")
 
 
 def held_out_certificate(errors: int, n: int, classes: int, delta: float, union: int = 1) -> Certificate:
     """Held-out bound for a fixed (deterministic) predictor with ``errors`` mistakes on n examples;
     ``union`` = number of predictors whose test errors were looked at (delta / union)."""
     return Certificate("deterministic", binomial_tail_inversion(errors, n, delta / union), errors / n, n, delta,
-                       classes, union=union, method="binomial tail inversion on a held-out set (Langford 2005)")
+                       classes, union=union, name=BOUNDS[2],
+                       method="binomial tail inversion on a held-out set (Langford 2005; Clopper-Pearson)")

@@ -276,18 +276,34 @@ def _reduction_length(node, shapes: dict[str, list]) -> int | None:
 
 def _has_binary_ops(graph) -> bool:
     return any(node.op_type in BINARY_OPS and node.domain == "ai.frugalrt" for node in graph.node)
+
+
 def _certificate_line(key: str, cert: Any) -> str:
-    """One line per risk certificate: the bound first, then what it rests on."""
+    """One line per risk certificate: the bound first, then what it rests on (frugalrt.nn.certify's
+    JSON: the total confidence with its deltas, the union, the prior and the split sizes)."""
     name = key[len(CERTIFICATE_PREFIX):] if key.startswith(CERTIFICATE_PREFIX) else key
     if not isinstance(cert, dict) or "bound" not in cert:
         return f"certificate {name}: {cert if isinstance(cert, str) else json.dumps(cert)}"
-    facts = [f"empirical risk {cert['empirical_risk']:.4f}" if cert.get("empirical_risk") is not None else "",
-             f"KL {cert['kl']:.3g}" if cert.get("kl") is not None else "", f"n {cert.get('n')}",
-             f"confidence {cert.get('confidence')}"]
-    if "vacuous" in cert:
-        facts.insert(0, "VACUOUS" if cert["vacuous"] else "non-vacuous")
-    return (f"certificate {name}: 0-1 risk <= {cert['bound']:.4f} ("
-            + ", ".join(f for f in facts if f) + (f"; {cert['method']}" if "method" in cert else "") + ")")
+
+    def num(field: str, label: str, fmt: str = ".4g") -> str:
+        value = cert.get(field)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return f"{label} {value:{fmt}}" if ok else ""
+
+    deltas = " - ".join(f for f in (num("delta", "delta", "g"), num("delta_mc", "delta_mc", "g")) if f)
+    confidence = num("confidence", "confidence", ".3f")
+    confidence += f" (1 - {deltas})" if confidence and deltas else ""
+    splits = cert.get("splits") if isinstance(cert.get("splits"), dict) else {}
+    splits = "/".join(f"{k} {v}" for k, v in splits.items())
+    prior = {True: "data-dependent prior", False: "data-free prior"}.get(cert.get("data_dependent_prior"), "")
+    facts = [{True: "VACUOUS", False: "non-vacuous"}.get(cert.get("vacuous"), ""),
+             num("empirical_risk", "empirical risk", ".4f"), num("kl", "KL", ".3g"),
+             num("log_density_ratio", "ln dQ/dP", ".3g"), num("n", "n", ".10g"), confidence,
+             num("union", "union", ".10g") if cert.get("union", 1) != 1 else "",
+             num("candidates", "best of draws", ".10g") if cert.get("candidates", 1) != 1 else "",
+             num("prior_only_bound", "prior-only bound", ".4f"), prior, f"splits {splits}" if splits else ""]
+    details = "; ".join(f for f in (", ".join(f for f in facts if f), cert.get("method") or "") if f)
+    return f"certificate {name}: 0-1 risk <= {cert['bound']:.4f}" + (f" ({details})" if details else "")
 
 
 def _certificate(artifact: Artifact) -> dict[str, Any]:

@@ -1,13 +1,15 @@
-"""kl inversion and binomial tail inversion against brute force / scipy; vacuous certificates."""
+"""kl inversion, binomial tail inversion and the three certificates against brute force / scipy; what
+``frugalrt validate`` prints of them."""
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from scipy.stats import binom
 
-from frugalrt.nn.certify import (binomial_tail_inversion, held_out_certificate, kl_inverse_upper,
-                                 pac_bayes_kl_bound, stochastic_certificate)
+from frugalrt.nn.certify import (binomial_tail_inversion, disintegrated_certificate, held_out_certificate,
+                                 kl_inverse_upper, pac_bayes_kl_bound, stochastic_certificate)
 
 
 @pytest.mark.parametrize("q, c", [(0.0, 0.01), (0.05, 0.02), (0.1, 0.001), (0.3, 0.1), (0.5, 0.5), (0.9, 0.01)])
@@ -73,3 +75,54 @@ def test_huge_kl_gives_a_vacuous_certificate_reported_as_such():
 def test_union_over_candidates_divides_delta():
     single, union = held_out_certificate(4, 200, 10, 0.05), held_out_certificate(4, 200, 10, 0.05, union=8)
     assert union.bound == pytest.approx(binomial_tail_inversion(4, 200, 0.05 / 8)) and union.bound > single.bound
+
+
+@pytest.mark.parametrize("union, candidates, ratio", [(1, 1, 0.0), (8, 10, 3.5), (16, 10, -2.0)])
+def test_disintegrated_certificate_against_brute_force(union, candidates, ratio, kl_inverse):
+    """kl^-1(errors / n, (ln dQ/dP + ln(2 sqrt(n) / delta')) / n) with delta' = delta / (union * candidates)."""
+    cert = disintegrated_certificate(30, 719, ratio, 10, 0.025, union, candidates)
+    c = (ratio + math.log(2 * math.sqrt(719) / (0.025 / (union * candidates)))) / 719
+    assert cert.bound == pytest.approx(kl_inverse(30 / 719, c), abs=2e-6) and cert.bound > 30 / 719
+    data = json.loads(cert.to_json())
+    assert data["confidence"] == pytest.approx(0.975) and data["name"] == "disintegrated-pac-bayes-kl"
+    assert (data["candidates"], data["union"], data["log_density_ratio"]) == (candidates, union, ratio)
+    assert data["kl"] is None and data["mc_samples"] is None
+
+
+def test_disintegrated_bound_grows_with_the_log_ratio_and_the_candidates():
+    by_ratio = [disintegrated_certificate(10, 500, r, 10, 0.025).bound for r in (-3.0, 0.0, 5.0, 50.0)]
+    by_candidates = [disintegrated_certificate(10, 500, 1.0, 10, 0.025, candidates=k).bound for k in (1, 10, 100)]
+    for bounds in (by_ratio, by_candidates):
+        assert all(a < b for a, b in zip(bounds, bounds[1:])), bounds
+
+
+def test_disintegrated_right_hand_side_below_zero_gives_no_guarantee():
+    """kl >= 0 cannot be <= a negative number: the draw fell in the failure event; bound 1, vacuous."""
+    cert = disintegrated_certificate(0, 100, -50.0, 10, 0.025)
+    assert cert.bound == 1.0 and cert.vacuous
+
+
+def test_validate_prints_what_each_certificate_rests_on():
+    """frugalrt validate's line: bound, KL or ln dQ/dP, n, total confidence with its deltas, union,
+    candidates, prior-only bound, prior and splits."""
+    from frugalrt.runtime.validate import _certificate_line
+
+    facts = dict(data_dependent_prior=True, splits={"prior": 718, "bound": 719, "test": 360})
+    sto = stochastic_certificate(np.full(10, 0.05), 1.7, 719, 10, 0.025, 0.01, union=16, mc_count=7190)
+    sto = replace(sto, prior_only_bound=0.1041, **facts)
+    dep = replace(disintegrated_certificate(28, 719, 2.2, 10, 0.025, union=16, candidates=10), **facts)
+    tst = held_out_certificate(17, 360, 10, 0.05, union=16)
+    lines = [_certificate_line(f"frugalrt.certificate.{k}", json.loads(c.to_json()))
+             for k, c in (("stochastic", sto), ("deployed", dep), ("test_set", tst))]
+    expected = [
+        [f"certificate stochastic: 0-1 risk <= {sto.bound:.4f} (non-vacuous", "KL 1.7", "n 719",
+         "confidence 0.965 (1 - delta 0.025 - delta_mc 0.01)", "union 16", "prior-only bound 0.1041",
+         "data-dependent prior", "splits bound 719/prior 718/test 360", "; PAC-Bayes-kl"],
+        [f"certificate deployed: 0-1 risk <= {dep.bound:.4f}", "ln dQ/dP 2.2", "confidence 0.975 (1 - delta 0.025)",
+         "best of draws 10", "disintegrated PAC-Bayes-kl"],
+        [f"certificate test_set: 0-1 risk <= {tst.bound:.4f}", "empirical risk 0.0472", "n 360",
+         "confidence 0.950 (1 - delta 0.05)", "binomial tail inversion"]]
+    for line, texts in zip(lines, expected):
+        assert all(t in line for t in texts), (line, [t for t in texts if t not in line])
+    assert "KL" not in lines[1] and "ln dQ/dP" not in lines[0]
+    assert _certificate_line("frugalrt.certificate.x", {"bound": 0.25}) == "certificate x: 0-1 risk <= 0.2500"

@@ -1,4 +1,5 @@
-"""PAC-Bayes binary-activated network: exact sampling, KL, certificate vs held-out error, export."""
+"""PAC-Bayes binary-activated network: closed forms, exact sampling, KL and densities, objectives,
+certificates recomputed from their ingredients, the deployed network, export."""
 import copy
 import importlib.util
 import json
@@ -8,12 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.special import expit
+from scipy.special import ndtr
 from scipy.stats import binom
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from frugalrt.nn.pacbayes import (BernoulliBinaryLinear, BinaryActivatedNet, GaussianSignLinear, certify,
-                                  deterministic_certificate, fit, stochastic_error_rates)
+from frugalrt.nn.pacbayes import (BinaryActivatedNet, GaussianBinaryLinear, GaussianButterfly, GaussianLinear,
+                                  butterfly_stages, certify, deploy, deterministic_certificate, fclassic, fit,
+                                  flamb, fquad, gaussian_zero_one_risk, stochastic_error_rates)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is much faster than two contending ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -31,104 +42,238 @@ def digits():
 
 @pytest.fixture(scope="module")
 def trained(digits):
-    """A small seeded run: prior on one half, bound-minimizing posterior on the other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """A small seeded run: ERM prior on one half, bound-minimizing posterior (fquad) on the other."""
     torch.manual_seed(0)
     prior, bound, _ = digits
     net = BinaryActivatedNet(64, (32, 16), 10)
-    fit(net, *prior, 30, lr=0.05)
+    fit(net, *prior, 30, objective=None, risk="cross_entropy", lr=0.1, learn_sigma=False)
     net.set_prior()
-    fit(net, *bound, 10, lr=0.01, delta=0.025)
-    torch.set_num_threads(threads)
+    fit(net, *bound, 10, objective="fquad", lr=0.05)
     return net
 
 
-def test_first_layer_sign_probability_matches_sampled_gaussian_weights():
-    layer = GaussianSignLinear(5, 3, sigma=0.7)
-    x = torch.randn(1, 5)
-    w = layer.mu.detach().double() + 0.7 * torch.randn(200_000, 3, 6, dtype=torch.float64)
-    freq = (torch.einsum("mki,i->mk", w, torch.cat([x[0], torch.ones(1)]).double()) >= 0).double().mean(0)
-    p = (1 + layer.activation_mean(x.double())[0]) / 2
-    assert torch.allclose(freq, p.detach(), atol=4 * math.sqrt(0.25 / 200_000))
-
-
-def test_bernoulli_layer_kl_matches_torch_distributions():
-    layer = BernoulliBinaryLinear(7, 4, sigma_bias=0.5)
+def _perturb(layer, scale=0.5, seed=0):
+    """Move the posterior away from the prior (shift and log_scale), so KL and densities are non-trivial."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        layer.theta.add_(torch.randn(4, 7))
-        layer.bias_mu.add_(torch.randn(4))
+        for p in (layer.weight, layer.bias):
+            p.shift.copy_(scale * torch.randn(p.shift.shape, generator=g))
+            p.log_scale.copy_(0.3 * scale * torch.randn(p.log_scale.shape, generator=g))
+    return layer
+
+
+# --- closed forms and exact sampling against explicit weight draws -------------------------------
+
+def test_gaussian_linear_sign_probability_matches_sampled_gaussian_weights():
+    layer = _perturb(GaussianLinear(5, 3, sigma=0.7))
+    x = torch.randn(1, 5, dtype=torch.float64)
+    w, b = layer.weight.rsample((200_000,), dtype=torch.float64), layer.bias.rsample((200_000,), dtype=torch.float64)
+    freq = ((torch.einsum("mki,i->mk", w, x[0]) + b) >= 0).double().mean(0)
     with torch.no_grad():
-        q, q0 = torch.sigmoid(layer.theta.double()), torch.sigmoid(layer.prior_theta.double())
-        expected = (kl_divergence(Bernoulli(q), Bernoulli(q0)).sum()
-                    + kl_divergence(Normal(layer.bias_mu.double(), 0.5), Normal(layer.prior_bias_mu.double(), 0.5)).sum())
-        assert layer.kl().item() == pytest.approx(expected.item(), rel=1e-9)
+        mean, var = layer.moments(x)
+    assert torch.allclose(freq, torch.tensor(ndtr((mean / var.sqrt())[0].numpy())), atol=4 * math.sqrt(0.25 / 200_000))
 
 
-def test_gaussian_layer_kl_is_zero_at_the_prior_and_quadratic_away():
-    layer = GaussianSignLinear(4, 2, sigma=2.0)
-    assert layer.kl().item() == 0.0
-    with torch.no_grad():
-        layer.mu.add_(1.0)
-    assert layer.kl().item() == pytest.approx(2 * 5 / (2 * 4.0))
-
-
-def test_bernoulli_layer_sampling_matches_its_moments():
-    layer = BernoulliBinaryLinear(6, 2)
+def test_binary_layer_sampling_matches_its_moments():
+    layer = _perturb(GaussianBinaryLinear(6, 2))
     a = torch.tensor([1.0, -1, 1, 1, -1, -1], dtype=torch.float64)
     z = layer.sample(a.expand(20_000, 1, 6), torch.Generator().manual_seed(0))[:, 0]
-    mean, var = layer.moments(a[None].float())
-    assert torch.allclose(z.mean(0).float(), mean[0].detach(), atol=0.1)
-    assert torch.allclose(z.var(0).float(), var[0].detach(), rtol=0.05)
+    with torch.no_grad():
+        mean, var = layer.moments(a[None])
+    assert torch.allclose(z.mean(0), mean[0], atol=4 * math.sqrt(var.max() / 20_000))
+    assert torch.allclose(z.var(0), var[0], rtol=0.05)
 
+
+def test_butterfly_stages_with_per_row_twiddles_match_the_spec_matrix(butterfly_matrix):
+    """Oracle: docs/ops.md's matrix built entry by entry, one network per row."""
+    tw, x = torch.randn(3, 4, 8, 2, 2, dtype=torch.float64), torch.randn(3, 16, dtype=torch.float64)
+    got = butterfly_stages(x, tw, 0, 4)
+    want = np.stack([butterfly_matrix(tw[i].numpy()) @ x[i].numpy() for i in range(3)])
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_gaussian_butterfly_samples_and_closed_form_match_explicit_draws():
+    """For one input: P[y_i >= 0] from (a) the exact sampler, (b) the deployed ButterflyLinear of explicit
+    draws, (c) the surrogate's closed form on the last stage averaged over its draws of the others."""
+    torch.manual_seed(0)
+    layer = _perturb(GaussianButterfly(6, 8, sigma=0.3), scale=0.3)
+    x = torch.rand(1, 6, dtype=torch.float64)
+    m = 4000
+    sampled = (layer.sample(x, m, torch.Generator().manual_seed(1))[:, 0] >= 0).double().mean(0)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        explicit = torch.stack([layer.deploy(layer.draw(gen)).double()(x)[0] >= 0 for _ in range(m)]).double().mean(0)
+        mean, var = layer.moments(x.expand(m, 6))
+    closed = ((1 + torch.erf(mean / torch.sqrt(2 * var))) / 2).mean(0)
+    tol = 4 * math.sqrt(0.25 / m) * math.sqrt(2)
+    assert (sampled - explicit).abs().max() < tol and (closed - explicit).abs().max() < tol
+    assert ((explicit > 0.05) & (explicit < 0.95)).sum() >= 4  # outputs really random: not a degenerate check
+
+
+# --- KL and log density ratios against torch.distributions ---------------------------------------
 
 def exact_kl(net) -> float:
-    """KL(Q || P) of the whole network from torch.distributions (not the layers' own kl())."""
+    """KL(Q || P) of the whole network from torch.distributions and scipy's Phi (not the layers' own kl())."""
+    total = 0.0
     with torch.no_grad():
-        f = net.first
-        total = kl_divergence(Normal(f.mu.double(), f.sigma), Normal(f.prior_mu.double(), f.sigma)).sum()
-        for layer in net.binary:
-            total += kl_divergence(Bernoulli(logits=layer.theta.double()),
-                                   Bernoulli(logits=layer.prior_theta.double())).sum()
-            total += kl_divergence(Normal(layer.bias_mu.double(), layer.sigma_bias),
-                                   Normal(layer.prior_bias_mu.double(), layer.sigma_bias)).sum()
-    return total.item()
+        for layer in net.layers():
+            params = [layer.bias] if isinstance(layer, GaussianBinaryLinear) else [layer.weight, layer.bias]
+            for p in params:
+                total += kl_divergence(Normal(p.mu.double(), p.sigma.double()),
+                                       Normal(p.prior_mu.double(), p.prior_log_sigma.double().exp())).sum().item()
+            if isinstance(layer, GaussianBinaryLinear):
+                w = layer.weight
+                q = torch.tensor(ndtr((w.mu / w.sigma).double().numpy()))
+                q0 = torch.tensor(ndtr((w.prior_mu / w.prior_log_sigma.exp()).double().numpy()))
+                total += kl_divergence(Bernoulli(probs=q), Bernoulli(probs=q0)).sum().item()
+    return total
 
+
+def exact_log_ratio(layer, drawn) -> float:
+    """ln q(h) / p(h) from torch.distributions: Gaussian densities, Bernoulli(Phi(mu / sigma)) for signs."""
+    total = 0.0
+    with torch.no_grad():
+        for name, p in (("weight", layer.weight), ("bias", layer.bias)):
+            v = drawn[name].double()
+            if name == "weight" and isinstance(layer, GaussianBinaryLinear):
+                q = torch.tensor(ndtr((p.mu / p.sigma).double().numpy()))
+                q0 = torch.tensor(ndtr((p.prior_mu / p.prior_log_sigma.exp()).double().numpy()))
+                k = (v > 0).double()
+                total += (Bernoulli(probs=q).log_prob(k) - Bernoulli(probs=q0).log_prob(k)).sum().item()
+            else:
+                total += (Normal(p.mu.double(), p.sigma.double()).log_prob(v)
+                          - Normal(p.prior_mu.double(), p.prior_log_sigma.double().exp()).log_prob(v)).sum().item()
+    return total
+
+
+@pytest.mark.parametrize("first", ["linear", "butterfly"])
+def test_kl_and_log_ratio_match_torch_distributions(first):
+    net = BinaryActivatedNet(6, (8, 4), 3, first=first)
+    for i, layer in enumerate(net.layers()):
+        _perturb(layer, seed=i)
+    assert net.kl().item() == pytest.approx(exact_kl(net), rel=1e-6) and net.kl().item() > 1  # float32 parameters
+    drawn = net.draw(torch.Generator().manual_seed(0))
+    assert drawn.log_ratio == pytest.approx(sum(exact_log_ratio(l, d) for l, d in zip(net.layers(), drawn.layers)),
+                                            rel=1e-6, abs=1e-6)
+
+
+def test_log_ratio_averages_to_the_kl():
+    """E_{h~Q} ln q(h)/p(h) = KL(Q||P): 3000 draws, within 4 standard errors."""
+    net = BinaryActivatedNet(4, (6,), 3)
+    for i, layer in enumerate(net.layers()):
+        _perturb(layer, scale=0.3, seed=i)
+    gen = torch.Generator().manual_seed(0)
+    ratios = np.array([net.draw(gen).log_ratio for _ in range(3000)])
+    assert abs(ratios.mean() - net.kl().item()) < 4 * ratios.std() / math.sqrt(3000)
+
+
+def test_set_prior_and_prior_copy():
+    net = BinaryActivatedNet(5, (4,), 3)
+    for i, layer in enumerate(net.layers()):
+        _perturb(layer, seed=i)
+    before = [l.weight.mu.detach().clone() for l in net.layers()]
+    assert net.kl().item() > 0 and net.prior_copy().kl().item() == 0.0
+    assert torch.equal(net.prior_copy().first.weight.mu, net.first.weight.prior_mu)
+    net.set_prior()
+    assert net.kl().item() == 0.0
+    assert all(torch.allclose(l.weight.mu, b, atol=1e-6) for l, b in zip(net.layers(), before))
+
+
+# --- objectives and the surrogate risk ------------------------------------------------------------
+
+@pytest.mark.parametrize("risk, kl, n", [(0.0, 0.0, 100), (0.05, 3.0, 719), (0.3, 40.0, 500), (0.1, 0.5, 10_000)])
+def test_objectives_match_their_formulas_and_upper_bound_the_kl_inverse(risk, kl, n, kl_inverse):
+    """Oracles: the closed forms written out, flamb as a brute-force minimum over lambda, and the
+    PAC-Bayes-kl bound itself (grid kl^-1): every objective must be >= it, KL included."""
+    delta = 0.025
+    c = (kl + math.log(2 * math.sqrt(n) / delta)) / n
+    r, k = torch.tensor(risk, dtype=torch.float64), torch.tensor(kl, dtype=torch.float64)
+    lams = np.linspace(1e-4, 2 - 1e-4, 200_001)
+    assert fclassic(r, k, n, delta).item() == pytest.approx(risk + math.sqrt(c / 2), rel=1e-12)
+    assert fquad(r, k, n, delta).item() == pytest.approx((math.sqrt(risk + c / 2) + math.sqrt(c / 2)) ** 2, rel=1e-12)
+    assert flamb(r, k, n, delta).item() == pytest.approx(np.min(risk / (1 - lams / 2) + c / (lams * (1 - lams / 2))),
+                                                         rel=1e-6)
+    assert flamb(r, k, n, delta).item() == pytest.approx(fquad(r, k, n, delta).item(), rel=1e-9)  # same at the optimum
+    floor = kl_inverse(risk, c)
+    assert min(fclassic(r, k, n, delta).item(), fquad(r, k, n, delta).item(), flamb(r, k, n, delta).item()) >= floor
+
+
+def test_gaussian_zero_one_risk_matches_monte_carlo():
+    g = torch.Generator().manual_seed(0)
+    mean = 2 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    var = torch.rand(5, 4, generator=g, dtype=torch.float64) + 0.2
+    y = torch.tensor([0, 1, 2, 3, 0])
+    z = mean + var.sqrt() * torch.randn(400_000, 5, 4, generator=g, dtype=torch.float64)
+    mc = (z.argmax(-1) != y).double().mean()
+    assert gaussian_zero_one_risk(mean, var, y).item() == pytest.approx(mc.item(), abs=4 * math.sqrt(0.25 / 2e6))
+
+
+# --- the trained network: sampling, certificates ----------------------------------------------------
 
 def numpy_error_rates(net, x, y, draws, seed) -> np.ndarray:
-    """Independent sampler of the stochastic network, a fresh network per (draw, example): first layer
-    W x~ = mu x~ + sigma ||x~|| eps exactly; then s ~ Bernoulli(sigmoid theta) on {-1, +1},
-    b ~ N(mu_b, sigma_b^2), sign activations, argmax output."""
+    """Independent sampler, a fresh network per (draw, example) with explicit weights: first layer
+    W ~ N(mu, sigma^2), b ~ N(mu_b, sigma_b^2); then s = sign of N(mu, sigma^2) latents, Gaussian bias,
+    sign activations, argmax output."""
     rng = np.random.default_rng(seed)
-    xt = np.concatenate([x.double().numpy(), np.ones((len(x), 1))], axis=1)
-    mu = net.first.mu.detach().double().numpy()
+    p = lambda t: t.detach().double().numpy()  # noqa: E731
+    f = net.first
     rates = []
     for _ in range(draws):
-        eps = rng.standard_normal((len(x), len(mu)))
-        z = xt @ mu.T + net.first.sigma * np.linalg.norm(xt, axis=1, keepdims=True) * eps
+        w = p(f.weight.mu) + p(f.weight.sigma) * rng.standard_normal((len(x), *f.weight.mu.shape))
+        b = p(f.bias.mu) + p(f.bias.sigma) * rng.standard_normal((len(x), f.out_features))
+        z = np.einsum("bki,bi->bk", w, x.double().numpy()) + b
         for layer in net.binary:
-            q = expit(layer.theta.detach().double().numpy())
-            s = np.where(rng.random((len(x), *q.shape)) < q, 1.0, -1.0)
-            b = layer.bias_mu.detach().double().numpy() + layer.sigma_bias * rng.standard_normal((len(x), len(q)))
-            z = np.einsum("bki,bi->bk", s, np.where(z >= 0, 1.0, -1.0)) + b
+            lw, lb = layer.weight, layer.bias
+            s = np.where(p(lw.mu) + p(lw.sigma) * rng.standard_normal((len(x), *lw.mu.shape)) >= 0, 1.0, -1.0)
+            z = np.einsum("bki,bi->bk", s, np.where(z >= 0, 1.0, -1.0))
+            z = z + p(lb.mu) + p(lb.sigma) * rng.standard_normal(z.shape)
         rates.append(np.mean(z.argmax(1) != y.numpy()))
     return np.array(rates)
 
 
-@pytest.mark.parametrize("theta_scale", [1.0, 0.25])
-def test_monte_carlo_error_matches_an_independent_sampler(trained, digits, theta_scale):
-    """Means of 20 draws x 629 examples, each with standard error <= 0.0045 (measured 0.35 vs 0.35, and
-    0.75 vs 0.75 with theta / 4, where the binary weights are far from deterministic); the network of
-    mean weights errs 0.27."""
+@pytest.mark.parametrize("widen", [0.0, 2.0])
+def test_monte_carlo_error_matches_an_independent_sampler(trained, digits, widen):
+    """Means of 10 draws x 629 examples (standard error <= 0.007); ``widen`` 2 multiplies the binary
+    layers' sigma by e^2, making their weights far from deterministic (P[s = +1] near 1/2)."""
     net, (x, y) = copy.deepcopy(trained), digits[1]
     with torch.no_grad():
         for layer in net.binary:
-            layer.theta.mul_(theta_scale)
-    rates = stochastic_error_rates(net, x, y, draws=20, seed=0)
-    assert abs(rates.mean() - numpy_error_rates(net, x, y, 20, seed=0).mean()) < 0.03
+            layer.weight.log_scale.add_(widen)
+    rates = stochastic_error_rates(net, x, y, draws=10, seed=0)
+    assert abs(rates.mean() - numpy_error_rates(net, x, y, 10, seed=0).mean()) < 0.03
     assert rates.std() > 0  # every draw samples fresh networks
     seeds = [stochastic_error_rates(net, x, y, draws=3, seed=seed) for seed in (0, 1)]
     assert not np.array_equal(*seeds)
+
+
+def test_each_draw_and_example_gets_its_own_network(trained, digits):
+    """One example repeated 400 times: with a fresh network per (draw, example), a draw's error rate is
+    Binomial(400, p) / 400 (std ~ sqrt(p(1-p)/400)); one network per draw would give 0 or 1."""
+    net = trained.prior_copy()
+    with torch.no_grad():
+        net.first.weight.log_scale.fill_(3.0)  # very noisy first layer: p well inside (0, 1)
+    x, y = digits[1][0][:1].expand(400, 64), digits[1][1][:1].expand(400)
+    rates = stochastic_error_rates(net, x, y, draws=30, seed=0)
+    p = rates.mean()
+    assert 0.1 < p < 0.9 and rates.std() < 3 * math.sqrt(p * (1 - p) / 400)
+
+
+def test_training_learns_means_and_sigmas(trained, digits):
+    """The posterior moved from its prior in both means and sigmas, and did better on the bound split."""
+    for layer in trained.layers():
+        assert layer.weight.shift.abs().max() > 0.05 and layer.weight.log_scale.abs().max() > 0.01
+    prior_rate = stochastic_error_rates(trained.prior_copy(), *digits[1], draws=10).mean()
+    assert trained.kl().item() > 0.31 and stochastic_error_rates(trained, *digits[1], draws=10).mean() < prior_rate
+
+
+def test_bound_objective_restrains_the_kl(trained, digits):
+    """From the same prior, seed and data: fquad keeps the KL far below what the risk alone reaches."""
+    kls, (x, y) = [], digits[1]
+    for objective in ("fquad", None):
+        net = trained.prior_copy()
+        fit(net, x[:256], y[:256], 3, objective=objective, lr=0.05)
+        kls.append(net.kl().item())
+    assert kls[0] < 0.2 * kls[1], kls
 
 
 def test_certificate_is_recomputed_from_its_ingredients(trained, digits, kl_inverse):
@@ -144,32 +289,12 @@ def test_certificate_is_recomputed_from_its_ingredients(trained, digits, kl_inve
     assert cert.union == 8 and cert.confidence_loss == pytest.approx(0.035)
 
 
-def test_digits_example_pays_for_its_eight_settings(monkeypatch, kl_inverse):
-    """examples/digits_pacbayes.py (training shortened): both certificates in the exported metadata
-    use delta / 8 (and delta_mc / 8), recomputed from their JSON ingredients."""
-    path = Path(__file__).parents[2] / "examples" / "digits_pacbayes.py"
-    spec = importlib.util.spec_from_file_location("digits_pacbayes", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    for name, value in (("PRIOR_EPOCHS", 2), ("POSTERIOR_EPOCHS", 1), ("DRAWS", 2)):
-        monkeypatch.setattr(example, name, value)
-    model, _ = example.build()
-    det, sto = (json.loads(model.frugalrt_metadata[f"frugalrt.certificate.{k}"]) for k in ("deterministic", "stochastic"))
-    assert det["union"] == sto["union"] == 8 and sto["confidence"] == pytest.approx(1 - 0.025 - 0.01)
-    assert binom.cdf(round(det["empirical_risk"] * det["n"]), det["n"], det["bound"]) == pytest.approx(0.05 / 8, rel=1e-6)
-    mc = kl_inverse(sto["empirical_risk"], math.log(2 / (0.01 / 8)) / sto["mc_samples"])
-    c = (sto["kl"] + math.log(2 * math.sqrt(sto["n"]) / (0.025 / 8))) / sto["n"]
-    assert sto["empirical_risk_bound"] == pytest.approx(mc, abs=2e-6)
-    assert sto["bound"] == pytest.approx(kl_inverse(mc, c), abs=2e-6)
-
-
 def test_certificate_bounds_the_held_out_error_of_the_stochastic_predictor(trained, digits):
     _, bound, test = digits
     cert = certify(trained, bound, delta=0.025, draws=10)
     test_error = stochastic_error_rates(trained, *test, draws=10, seed=1).mean()
     assert cert.n == len(bound[1]) and cert.mc_samples == 10 * len(bound[1]) and cert.kl >= 0
     assert cert.empirical_risk <= cert.empirical_risk_bound <= cert.bound
-    print(cert, "stochastic test error", test_error)
     assert test_error <= cert.bound < 0.5
 
 
@@ -179,33 +304,104 @@ def test_tiny_bound_set_gives_a_vacuous_certificate(trained, digits):
     assert cert.vacuous and cert.bound >= cert.trivial and '"vacuous": true' in cert.to_json()
 
 
-def test_deterministic_network_is_sign_linear_then_xnor_sums(trained, digits):
-    """Oracle: numpy signs of the Linear output, then +-1 matrix products with sign(theta) plus bias."""
+# --- the deployed network ---------------------------------------------------------------------------
+
+def _drawn_from_module(model, net):
+    """The deployed module's own parameters, as draws (signs unpacked from the frozen BinaryLinear)."""
+    from frugalrt.nn.ops import unpack_signs
+
+    first = {"weight": model[0].weight.detach(), "bias": model[0].bias.detach()}
+    rest = [{"weight": unpack_signs(m.weight_packed, m.in_features), "bias": m.bias.detach()} for m in model[1:]]
+    return [first, *rest]
+
+
+def test_deployed_certificate_is_recomputed_from_the_exported_network(trained, digits, kl_inverse):
+    """Errors of the returned module, ln dQ/dP of its own weights (torch.distributions), delta split
+    over 8 settings x 5 candidates, brute-force kl^-1."""
+    x, y = digits[1]
+    model, cert = deploy(trained, (x, y), delta=0.025, candidates=5, union=8, seed=3)
+    with torch.no_grad():
+        errors = int((model(x).argmax(1) != y).sum())
+    ratio = sum(exact_log_ratio(l, d) for l, d in zip(trained.layers(), _drawn_from_module(model, trained)))
+    assert cert.empirical_risk == errors / len(y) and cert.log_density_ratio == pytest.approx(ratio, rel=1e-4, abs=1e-3)
+    c = (ratio + math.log(2 * math.sqrt(len(y)) / (0.025 / 40))) / len(y)
+    assert cert.bound == pytest.approx(kl_inverse(errors / len(y), c), abs=1e-4)
+    assert (cert.union, cert.candidates, cert.kl, cert.mc_samples) == (8, 5, None, None)
+    assert json.loads(cert.to_json())["confidence"] == pytest.approx(0.975)
+
+
+def test_deployed_draws_are_random_and_average_to_the_gibbs_risk(trained, digits):
+    """The deployed (float32, exportable) network of a draw is a sample of the stochastic predictor:
+    its mean error over 40 draws matches the Monte Carlo Gibbs risk (standard errors ~0.004)."""
+    x, y = digits[1]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        errs = [float((trained.deterministic(trained.draw(gen))(x).argmax(1) != y).double().mean()) for _ in range(40)]
+    assert np.std(errs) > 0
+    assert abs(np.mean(errs) - stochastic_error_rates(trained, x, y, draws=60, seed=1).mean()) < 0.02
+    (a, _), (b, _) = (deploy(trained, (x, y), candidates=2, seed=seed) for seed in (0, 1))
+    assert not torch.equal(a[0].weight, b[0].weight)  # deploy's draws depend on its seed
+
+
+def test_deterministic_network_is_linear_then_xnor_sums(trained, digits):
+    """Oracle: numpy signs of the Linear output, then +-1 matrix products with the drawn signs plus bias."""
     x = digits[2][0][:50]
-    model = trained.deterministic()
+    drawn = trained.draw(torch.Generator().manual_seed(0))
+    model = trained.deterministic(drawn)
     with torch.no_grad():
         got = model(x).numpy()
-        a = model[0](x).numpy()
-    for layer in trained.binary:
-        w = np.where(layer.theta.detach().numpy() >= 0, 1, -1)
-        a = (np.where(a >= 0, 1, -1) @ w.T).astype(np.float32) + layer.bias_mu.detach().numpy()
-    np.testing.assert_array_equal(got, a)
+    a = x.double().numpy() @ drawn.layers[0]["weight"].numpy().T + drawn.layers[0]["bias"].numpy()
+    for d in drawn.layers[1:]:
+        a = np.where(a >= 0, 1, -1) @ d["weight"].numpy().T + d["bias"].numpy()
+    np.testing.assert_allclose(got, a, atol=1e-4)
     cert = deterministic_certificate(model, digits[2], delta=0.05)
     errors = int((model(digits[2][0]).argmax(1) != digits[2][1]).sum())
     assert cert.empirical_risk == errors / len(digits[2][1]) <= cert.bound
 
 
-def test_export_carries_certificates_and_matches_pytorch(trained, digits, tmp_path):
+@pytest.mark.parametrize("first, ops", [("linear", {"ai.frugalrt::BinaryGemm": 2}),
+                                        ("butterfly", {"ai.frugalrt::Butterfly": 1, "ai.frugalrt::BinaryGemm": 2})])
+def test_export_carries_certificates_and_matches_pytorch(digits, tmp_path, first, ops):
     import frugalrt
     from frugalrt.export.metadata import get_metadata
     from frugalrt.runtime.ort import run
 
-    model = trained.deterministic().eval()
-    cert = deterministic_certificate(model, digits[2], delta=0.05)
+    net = BinaryActivatedNet(64, (32, 16), 10, first=first)
+    model, cert = deploy(net, digits[1], candidates=2)
     x = digits[2][0][:40]
-    frugalrt.export(model, (x[:7],), tmp_path / "pb.onnx", metadata={"frugalrt.certificate.deterministic": cert.to_json()})
+    frugalrt.export(model, (x[:7],), tmp_path / "pb.onnx", metadata={"frugalrt.certificate.deployed": cert.to_json()})
     meta = get_metadata(tmp_path / "pb.onnx")
-    assert meta["frugalrt.certificate.deterministic"] == cert.to_json()
-    assert '"ai.frugalrt::BinaryGemm": 2' in meta["frugalrt.ops"].replace("'", '"')
+    assert meta["frugalrt.certificate.deployed"] == cert.to_json()
+    inventory = json.loads(meta["frugalrt.ops"])
+    assert all(inventory.get(k) == v for k, v in ops.items())
     with torch.no_grad():
-        np.testing.assert_array_equal(run(tmp_path / "pb.onnx", [x.numpy()])[0], model(x).numpy())
+        np.testing.assert_allclose(run(tmp_path / "pb.onnx", [x.numpy()])[0], model(x).numpy(), atol=1e-4)
+
+
+def test_digits_example_states_its_certificates(monkeypatch, kl_inverse):
+    """examples/digits_pacbayes.py (training shortened): the three certificates in the exported metadata,
+    recomputed from their JSON ingredients with delta / 16 (and delta_mc / 16, and / 10 candidates),
+    with their confidence, split sizes and data-dependent prior."""
+    path = Path(__file__).parents[2] / "examples" / "digits_pacbayes.py"
+    spec = importlib.util.spec_from_file_location("digits_pacbayes", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    for name, value in (("PRIOR_EPOCHS", 2), ("POSTERIOR_EPOCHS", 1), ("DRAWS", 2)):
+        monkeypatch.setattr(example, name, value)
+    model, _ = example.build()
+    sto, dep, tst = (json.loads(model.frugalrt_metadata[f"frugalrt.certificate.{k}"])
+                     for k in ("stochastic", "deployed", "test_set"))
+    for cert in (sto, dep, tst):
+        assert cert["union"] == 16 and cert["data_dependent_prior"] is True
+        assert cert["splits"] == {"prior": 718, "bound": 719, "test": 360}
+    assert (sto["confidence"], dep["confidence"], tst["confidence"]) == pytest.approx((1 - 0.035, 1 - 0.025, 1 - 0.05))
+    assert [c["name"] for c in (sto, dep, tst)] == ["pac-bayes-kl", "disintegrated-pac-bayes-kl", "test-set-binomial"]
+    mc = kl_inverse(sto["empirical_risk"], math.log(2 / (0.01 / 16)) / sto["mc_samples"])
+    assert sto["empirical_risk_bound"] == pytest.approx(mc, abs=2e-6)
+    c = (sto["kl"] + math.log(2 * math.sqrt(719) / (0.025 / 16))) / 719
+    assert sto["bound"] == pytest.approx(kl_inverse(mc, c), abs=2e-6)
+    assert sto["prior_only_bound"] is not None and sto["kl"] > 0
+    c = (dep["log_density_ratio"] + math.log(2 * math.sqrt(719) / (0.025 / 160))) / 719
+    assert dep["candidates"] == 10 and dep["bound"] == pytest.approx(kl_inverse(dep["empirical_risk"], c), abs=2e-6)
+    errors = round(tst["empirical_risk"] * tst["n"])
+    assert binom.cdf(errors, tst["n"], tst["bound"]) == pytest.approx(0.05 / 16, rel=1e-6)
