@@ -12,6 +12,9 @@ al., NeurIPS 2019) and one real-valued layer first:
 * :class:`GaussianBinaryLinear` (``BinaryLinear``): a Gaussian over the latent float weights; only
   s = sign(W) ~ Bernoulli(Phi(mu / sigma)) reaches the output, so KL and densities are those of the
   signs (<= the Gaussian KL by data processing). Pre-activations ``sum_j s_kj a_j + b_k``.
+* :class:`GaussianBinaryConv2d` (``BinaryConv2d``): the same over a convolution's latent weights;
+  one network's signs are shared by all positions of an image, and zero-padded taps contribute 0.
+  :class:`BinaryActivatedConvNet` stacks them on an image, then ``GaussianBinaryLinear`` layers.
 
 Training minimizes fclassic, fquad or flamb (:data:`OBJECTIVES`) with a surrogate risk computed from
 the class scores' means and variances, propagated layer by layer (Soudry et al. 2014; exact for a
@@ -35,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.special import log_ndtr, ndtr
 
-from frugalrt.nn.binary import BinaryLinear
+from frugalrt.nn import ops
+from frugalrt.nn.binary import BinaryConv2d, BinaryLinear, _Binary, _pair
 from frugalrt.nn.butterfly import ButterflyLinear
 from frugalrt.nn.certify import Certificate, disintegrated_certificate, held_out_certificate, stochastic_certificate
 
@@ -199,16 +203,10 @@ class GaussianButterfly(_StochasticLayer):
         return layer
 
 
-class GaussianBinaryLinear(_StochasticLayer):
-    """``BinaryLinear`` (scale 1) on +-1 inputs: latent W ~ N(mu, sigma^2), weights s = sign(W), so
-    P[s = +1] = Phi(mu / sigma) independently; Gaussian bias. KL and log-densities are those of the
-    signs (the output depends on W only through them)."""
-
-    def __init__(self, in_features: int, out_features: int, sigma: float = 1.0, sigma_bias: float = 1.0):
-        super().__init__()
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self.weight = GaussianParameter(0.1 * torch.randn(out_features, in_features), sigma)
-        self.bias = GaussianParameter(torch.zeros(out_features), sigma_bias)
+class _GaussianSigns(_StochasticLayer):
+    """Shared by the binary layers: latent W ~ N(mu, sigma^2), weights s = sign(W), so P[s = +1] =
+    Phi(mu / sigma) independently; Gaussian bias. KL and log-densities are those of the signs (the
+    output depends on W only through them)."""
 
     def _t(self, prior: bool = False) -> Tensor:
         """mu / sigma (posterior or prior): P[s = +1] = Phi(t)."""
@@ -219,20 +217,10 @@ class GaussianBinaryLinear(_StochasticLayer):
         """q = P[s = +1] = Phi(mu / sigma)."""
         return ndtr(self._t())
 
-    def moments(self, a_mean: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of the pre-activation given independent +-1 inputs of mean ``a_mean``."""
-        w = torch.erf(self._t() / _SQRT2).to(a_mean.dtype)  # E[s] = 2 Phi - 1
-        mean = a_mean @ w.T + self.bias.mu.to(a_mean.dtype)
-        var = self.in_features - (a_mean ** 2) @ (w ** 2).T + (self.bias.sigma ** 2).to(a_mean.dtype)
-        return mean, var
-
-    def sample(self, a: Tensor, generator: torch.Generator) -> Tensor:
-        """Pre-activations for ``a`` [draws, batch, in], fresh weights per (draw, example): exact."""
-        with torch.no_grad():
-            q = self.sign_probability().to(a.dtype)
-            s = torch.where(torch.rand((*a.shape[:2], *q.shape), generator=generator, dtype=a.dtype) < q, 1.0, -1.0)
-            b = self.bias.rsample(a.shape[:2], generator, a.dtype)
-            return torch.einsum("dbki,dbi->dbk", s.to(a.dtype), a) + b
+    def _draw_signs(self, prefix: Sequence[int], generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+        """Independent signs [*prefix, *weight shape], P[+1] = q."""
+        q = self.sign_probability().to(dtype)
+        return torch.where(torch.rand((*prefix, *q.shape), generator=generator, dtype=dtype) < q, 1.0, -1.0).to(dtype)
 
     def kl(self) -> Tensor:
         """KL between the Bernoulli sign distributions (stable log Phi) plus the bias's Gaussian KL."""
@@ -253,16 +241,98 @@ class GaussianBinaryLinear(_StochasticLayer):
             signs = (log_ndtr(s * t) - log_ndtr(s * t0)).sum()  # P[s] = Phi(s mu / sigma)
         return float(signs) + self.bias.log_ratio(drawn["bias"])
 
+    def _frozen(self, layer: _Binary, drawn: Optional[dict[str, Tensor]]) -> _Binary:
+        """``layer`` with the drawn signs and bias (signs of mu if not drawn), frozen, scale 1."""
+        w, b = (drawn["weight"], drawn["bias"]) if drawn else (self.weight.mu, self.bias.mu)
+        with torch.no_grad():
+            layer.weight.copy_(torch.where(w >= 0, 1.0, -1.0))
+            layer.bias.copy_(b)
+        layer.freeze()
+        layer.weight_scale_.fill_(1.0)
+        return layer
+
+
+class GaussianBinaryLinear(_GaussianSigns):
+    """``BinaryLinear`` (scale 1) on +-1 inputs: latent W ~ N(mu, sigma^2), weights s = sign(W), so
+    P[s = +1] = Phi(mu / sigma) independently; Gaussian bias. KL and log-densities are those of the
+    signs (the output depends on W only through them)."""
+
+    def __init__(self, in_features: int, out_features: int, sigma: float = 1.0, sigma_bias: float = 1.0):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.weight = GaussianParameter(0.1 * torch.randn(out_features, in_features), sigma)
+        self.bias = GaussianParameter(torch.zeros(out_features), sigma_bias)
+
+    def moments(self, a_mean: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the pre-activation given independent +-1 inputs of mean ``a_mean``."""
+        w = torch.erf(self._t() / _SQRT2).to(a_mean.dtype)  # E[s] = 2 Phi - 1
+        mean = a_mean @ w.T + self.bias.mu.to(a_mean.dtype)
+        var = self.in_features - (a_mean ** 2) @ (w ** 2).T + (self.bias.sigma ** 2).to(a_mean.dtype)
+        return mean, var
+
+    def sample(self, a: Tensor, generator: torch.Generator) -> Tensor:
+        """Pre-activations for ``a`` [draws, batch, in], fresh weights per (draw, example): exact."""
+        with torch.no_grad():
+            s = self._draw_signs(a.shape[:2], generator, a.dtype)
+            b = self.bias.rsample(a.shape[:2], generator, a.dtype)
+            return torch.einsum("dbki,dbi->dbk", s, a) + b
+
     def deploy(self, drawn: Optional[dict[str, Tensor]] = None) -> BinaryLinear:
         """Frozen ``BinaryLinear``: sum_j s_kj sign(a_j) + b_k exactly (scale 1; signs of mu if not drawn)."""
-        w, b = (drawn["weight"], drawn["bias"]) if drawn else (self.weight.mu, self.bias.mu)
-        lin = BinaryLinear(self.in_features, self.out_features)
+        return self._frozen(BinaryLinear(self.in_features, self.out_features), drawn)
+
+
+class GaussianBinaryConv2d(_GaussianSigns):
+    """``BinaryConv2d`` (scale 1, NCHW, stride and zero padding) on +-1 inputs: latent W [out, in, kh, kw]
+    ~ N(mu, sigma^2), weights s = sign(W), P[s = +1] = Phi(mu / sigma) independently; Gaussian bias.
+    KL and log-densities are those of the signs. Pre-activation at an output position:
+    ``sum over in-image taps of s a + b`` (a padded tap contributes 0, as in ``BinaryConv2d``); one
+    network's signs are shared by every position of the image."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 sigma: float = 1.0, sigma_bias: float = 1.0):
+        super().__init__()
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        latent = 0.1 * torch.randn(self.out_channels, self.in_channels, *self.kernel_size)
+        self.weight = GaussianParameter(latent, sigma)
+        self.bias = GaussianParameter(torch.zeros(self.out_channels), sigma_bias)
+
+    def output_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """[out_channels, OH, OW] of an input image of that size."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return self.out_channels, (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+
+    def _conv(self, a: Tensor, w: Tensor, groups: int = 1) -> Tensor:
+        return F.conv2d(a, w, stride=self.stride, padding=self.padding, groups=groups)  # zero padding
+
+    def moments(self, a_mean: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of each pre-activation given independent +-1 inputs of mean ``a_mean``
+        [batch, in, H, W]: the in-image taps' terms s a are independent +-1 variables of mean E[s] E[a]
+        (distinct weights, distinct inputs), so the variance is (number of in-image taps) - sum (E[s]
+        E[a])^2 + sigma_b^2; padded taps add nothing to either."""
+        w = torch.erf(self._t() / _SQRT2).to(a_mean.dtype)  # E[s] = 2 Phi - 1
+        bias_mu, bias_var = (v.to(a_mean.dtype).reshape(1, -1, 1, 1) for v in (self.bias.mu, self.bias.sigma ** 2))
+        taps = self._conv(torch.ones_like(a_mean[:1]), torch.ones_like(w[:1]))  # [1, 1, OH, OW]
+        return self._conv(a_mean, w) + bias_mu, taps - self._conv(a_mean ** 2, w ** 2) + bias_var
+
+    def sample(self, a: Tensor, generator: torch.Generator) -> Tensor:
+        """Pre-activations [draws, batch, out, OH, OW] for ``a`` [draws, batch, in, H, W], fresh weights
+        per (draw, example), shared by the positions of that image (one network per example): exact."""
         with torch.no_grad():
-            lin.weight.copy_(torch.where(w >= 0, 1.0, -1.0))
-            lin.bias.copy_(b)
-        lin.freeze()
-        lin.weight_scale_.fill_(1.0)
-        return lin
+            draws, batch = a.shape[:2]
+            s = self._draw_signs((draws, batch), generator, a.dtype)
+            b = self.bias.rsample((draws, batch), generator, a.dtype)
+            groups = draws * batch  # one group per (draw, example): its own image and its own network
+            z = self._conv(a.reshape(1, groups * self.in_channels, *a.shape[-2:]),
+                           s.reshape(groups * self.out_channels, self.in_channels, *self.kernel_size), groups)
+            return z.reshape(draws, batch, self.out_channels, *z.shape[-2:]) + b[..., None, None]
+
+    def deploy(self, drawn: Optional[dict[str, Tensor]] = None) -> BinaryConv2d:
+        """Frozen ``BinaryConv2d``: conv2d(sign(a), s) + b exactly, zero padding after the sign (scale 1;
+        signs of mu if not drawn)."""
+        layer = BinaryConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding)
+        return self._frozen(layer, drawn)
 
 
 @dataclass
@@ -345,6 +415,77 @@ class BinaryActivatedNet(nn.Module):
         activations are implicit, sign(0) = +1). Output: class scores."""
         parts = drawn.layers if drawn else [None] * len(self.layers())
         return nn.Sequential(*(layer.deploy(d) for layer, d in zip(self.layers(), parts))).eval()
+
+
+class BinaryActivatedConvNet(BinaryActivatedNet):
+    """Binary convolutions on an image [channels, height, width], then binary linear layers, sign
+    activations between them; the last gives the class scores. Trained, certified and deployed as
+    :class:`BinaryActivatedNet` (:func:`fit`, :func:`certify`, :func:`deploy`).
+
+    ``conv``: one ``(out_channels, kernel_size[, stride[, padding]])`` per :class:`GaussianBinaryConv2d`;
+    ``hidden``: widths of the binary linear layers after them. There is no real-valued layer: the first
+    convolution binarizes the input (sign(0) = +1), as the deployed ``BinaryConv2d`` does, so the input
+    should be centered (e.g. pixels in [0, 1] minus 0.5). The surrogate (:meth:`moments`) takes the
+    units of a layer as independent, although the positions of a convolution share their weights.
+    """
+
+    def __init__(self, image_shape: Sequence[int], conv: Sequence[Sequence[int]], hidden: Sequence[int],
+                 classes: int, *, sigma_binary: float = 1.0, sigma_bias: float = 1.0):
+        nn.Module.__init__(self)  # no real-valued first layer: BinaryActivatedNet's __init__ does not apply
+        if not conv:
+            raise ValueError("BinaryActivatedConvNet: conv is empty (use BinaryActivatedNet)")
+        self.classes, self.image_shape = int(classes), tuple(int(d) for d in image_shape)
+        shape, layers = self.image_shape, []
+        for spec in conv:
+            if not 2 <= len(spec) <= 4:
+                raise ValueError(f"BinaryActivatedConvNet: conv entry {spec!r}, "
+                                 "expected (out_channels, kernel_size[, stride[, padding]])")
+            out, kernel, stride, padding = (*spec, *(1, 0)[len(spec) - 2:])
+            layers.append(GaussianBinaryConv2d(shape[0], out, kernel, stride, padding, sigma_binary, sigma_bias))
+            shape = layers[-1].output_shape(*shape[1:])
+            if min(shape) < 1:
+                raise ValueError(f"BinaryActivatedConvNet: convolution {len(layers)} leaves an empty image {shape}")
+        self.conv = nn.ModuleList(layers)
+        sizes = [math.prod(shape), *hidden, classes]
+        self.binary = nn.ModuleList(GaussianBinaryLinear(i, o, sigma_binary, sigma_bias)
+                                    for i, o in zip(sizes[:-1], sizes[1:]))
+
+    def layers(self) -> list[_StochasticLayer]:
+        return [*self.conv, *self.binary]
+
+    def moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Means and variances of the class scores; the input's signs are exact (deterministic)."""
+        a = ops.sign(x)
+        for layer in self.conv:
+            mean, var = layer.moments(a)
+            a = torch.erf(mean / torch.sqrt(2 * var))  # E[sign(y)], y ~ N(mean, var)
+        a = a.flatten(1)
+        for layer in self.binary:
+            mean, var = layer.moments(a)
+            a = torch.erf(mean / torch.sqrt(2 * var))
+        return mean, var
+
+    def randoms_per_network(self) -> int:
+        return sum(layer.weight.mu.numel() + layer.bias.mu.numel() for layer in self.layers())
+
+    @torch.no_grad()
+    def sample_predictions(self, x: Tensor, draws: int, generator: torch.Generator) -> Tensor:
+        """[draws, batch] class predictions of the exact stochastic network (fresh per draw and example)."""
+        a = ops.sign(x.float()).double().expand(draws, *x.shape)  # the signs the deployed float32 network sees
+        for layer in self.conv:
+            a = ops.sign(layer.sample(a, generator))
+        a = a.flatten(2)
+        for layer in self.binary[:-1]:
+            a = ops.sign(layer.sample(a, generator))
+        return self.binary[-1].sample(a, generator).argmax(dim=-1)
+
+    def deterministic(self, drawn: Optional[NetworkDraw] = None) -> nn.Sequential:
+        """The exportable network of a draw (signs of the means if None): frozen ``BinaryConv2d`` layers,
+        ``nn.Flatten``, frozen ``BinaryLinear`` layers (each binarizes its input, sign(0) = +1)."""
+        parts = drawn.layers if drawn else [None] * len(self.layers())
+        convs = [layer.deploy(d) for layer, d in zip(self.conv, parts)]
+        linears = [layer.deploy(d) for layer, d in zip(self.binary, parts[len(self.conv):])]
+        return nn.Sequential(*convs, nn.Flatten(), *linears).eval()
 
 
 def bounded_cross_entropy(logits: Tensor, y: Tensor, p_min: float = 1e-4) -> Tensor:

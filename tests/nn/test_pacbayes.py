@@ -13,9 +13,13 @@ from scipy.special import ndtr
 from scipy.stats import binom
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from frugalrt.nn.pacbayes import (BinaryActivatedNet, GaussianBinaryLinear, GaussianButterfly, GaussianLinear,
-                                  butterfly_stages, certify, deploy, deterministic_certificate, fclassic, fit,
-                                  flamb, fquad, gaussian_zero_one_risk, stochastic_error_rates)
+from frugalrt.nn.binary import BinaryConv2d
+from frugalrt.nn.pacbayes import (BinaryActivatedConvNet, BinaryActivatedNet, GaussianBinaryConv2d,
+                                  GaussianBinaryLinear, GaussianButterfly, GaussianLinear, butterfly_stages, certify,
+                                  deploy, deterministic_certificate, fclassic, fit, flamb, fquad,
+                                  gaussian_zero_one_risk, stochastic_error_rates)
+
+SIGNS = (GaussianBinaryLinear, GaussianBinaryConv2d)  # layers whose weights are signs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -117,11 +121,11 @@ def exact_kl(net) -> float:
     total = 0.0
     with torch.no_grad():
         for layer in net.layers():
-            params = [layer.bias] if isinstance(layer, GaussianBinaryLinear) else [layer.weight, layer.bias]
+            params = [layer.bias] if isinstance(layer, SIGNS) else [layer.weight, layer.bias]
             for p in params:
                 total += kl_divergence(Normal(p.mu.double(), p.sigma.double()),
                                        Normal(p.prior_mu.double(), p.prior_log_sigma.double().exp())).sum().item()
-            if isinstance(layer, GaussianBinaryLinear):
+            if isinstance(layer, SIGNS):
                 w = layer.weight
                 q = torch.tensor(ndtr((w.mu / w.sigma).double().numpy()))
                 q0 = torch.tensor(ndtr((w.prior_mu / w.prior_log_sigma.exp()).double().numpy()))
@@ -135,7 +139,7 @@ def exact_log_ratio(layer, drawn) -> float:
     with torch.no_grad():
         for name, p in (("weight", layer.weight), ("bias", layer.bias)):
             v = drawn[name].double()
-            if name == "weight" and isinstance(layer, GaussianBinaryLinear):
+            if name == "weight" and isinstance(layer, SIGNS):
                 q = torch.tensor(ndtr((p.mu / p.sigma).double().numpy()))
                 q0 = torch.tensor(ndtr((p.prior_mu / p.prior_log_sigma.exp()).double().numpy()))
                 k = (v > 0).double()
@@ -405,3 +409,166 @@ def test_digits_example_states_its_certificates(monkeypatch, kl_inverse):
     assert dep["candidates"] == 10 and dep["bound"] == pytest.approx(kl_inverse(dep["empirical_risk"], c), abs=2e-6)
     errors = round(tst["empirical_risk"] * tst["n"])
     assert binom.cdf(errors, tst["n"], tst["bound"]) == pytest.approx(0.05 / 16, rel=1e-6)
+
+
+# --- GaussianBinaryConv2d and the convolutional network ---------------------------------------------
+
+def _conv_reference(a, signs, bias, stride, padding):
+    """z[m] = sum over in-image taps of s[m] a[m] + b[m], one network per row m: the im2col sum (F.unfold
+    zero-pads, so a padded tap multiplies 0), not a convolution."""
+    cols = torch.nn.functional.unfold(a, signs.shape[-2:], padding=padding, stride=stride)  # [M, C*kh*kw, P]
+    z = torch.einsum("mok,mkp->mop", signs.flatten(2), cols) + bias[..., None]
+    oh = (a.shape[2] + 2 * padding[0] - signs.shape[-2]) // stride[0] + 1
+    return z.reshape(*z.shape[:2], oh, -1)
+
+
+def _latent_sign_draws(layer, m, g):
+    """m networks drawn through the latent Gaussians: s = sign(mu + sigma eps), b = mu_b + sigma_b eps."""
+    w, b = layer.weight, layer.bias
+    with torch.no_grad():
+        eps = torch.randn((m, *w.mu.shape), generator=g, dtype=torch.float64)
+        s = torch.where(w.mu.double() + w.sigma.double() * eps >= 0, 1.0, -1.0).double()
+        return s, b.mu.double() + b.sigma.double() * torch.randn((m, *b.mu.shape), generator=g, dtype=torch.float64)
+
+
+def test_binary_conv_kl_matches_brute_force_over_signs_and_torch_distributions():
+    """KL(Q || P) of a 2x1x2x2 layer by enumerating its 2^8 sign tensors (joint probabilities from scipy's Phi)
+    plus the bias's Gaussian KL from torch.distributions; ln dQ/dP at a draw against torch.distributions."""
+    import itertools
+
+    layer = _perturb(GaussianBinaryConv2d(2, 1, 2, sigma=0.8, sigma_bias=0.5), scale=0.7)
+    w = layer.weight
+    with torch.no_grad():
+        q, q0 = (ndtr(t.double().flatten().numpy()) for t in (w.mu / w.sigma, w.prior_mu / w.prior_log_sigma.exp()))
+        bias_kl = kl_divergence(Normal(layer.bias.mu.double(), layer.bias.sigma.double()),
+                                Normal(layer.bias.prior_mu.double(), layer.bias.prior_log_sigma.double().exp())).sum()
+    configs = np.array(list(itertools.product((1.0, -1.0), repeat=8)))
+    joint_q, joint_p = (np.prod(np.where(configs > 0, r, 1 - r), axis=1) for r in (q, q0))
+    brute = float(np.sum(joint_q * np.log(joint_q / joint_p))) + bias_kl.item()
+    assert joint_q.sum() == pytest.approx(1.0, abs=1e-12) and brute > 0.5
+    assert layer.kl().item() == pytest.approx(brute, rel=1e-6)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        drawn = layer.draw(gen)
+        assert set(drawn["weight"].unique().tolist()) <= {-1.0, 1.0} and drawn["weight"].shape == (1, 2, 2, 2)
+        assert layer.log_ratio(drawn) == pytest.approx(exact_log_ratio(layer, drawn), rel=1e-6)  # float32 mu / sigma
+
+
+def test_binary_conv_moments_match_monte_carlo_with_padding_and_stride():
+    """Closed form given independent +-1 inputs of mean a_mean against 40,000 explicit networks (latent
+    Gaussians) on explicit random inputs, im2col sums: per output unit (corners see fewer in-image taps)."""
+    g = torch.Generator().manual_seed(0)
+    layer = _perturb(GaussianBinaryConv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 1), sigma=0.8), scale=0.8)
+    a_mean = (2 * torch.rand(1, 2, 5, 4, generator=g, dtype=torch.float64) - 1) * 0.9
+    m = 40_000
+    a = torch.where(torch.rand((m, 2, 5, 4), generator=g, dtype=torch.float64) < (1 + a_mean) / 2, 1.0, -1.0).double()
+    s, b = _latent_sign_draws(layer, m, g)
+    z = _conv_reference(a, s, b, (2, 1), (1, 1))
+    with torch.no_grad():
+        mean, var = layer.moments(a_mean)
+    assert mean.shape == var.shape == (1, 3, 3, 5) == (1, *layer.output_shape(5, 4))
+    assert (mean[0] - z.mean(0)).abs().max() < 4.5 * math.sqrt(var.max() / m)
+    assert torch.allclose(z.var(0), var[0], rtol=0.04)
+    assert var[0, :, 0, 0].max() < var[0, :, 1, 1].min()  # a corner has 2 of 6 taps in the image, the centre 6
+
+
+def test_binary_conv_sampler_matches_explicit_networks_shared_across_positions():
+    """``sample`` (fresh network per draw and example, shared by an image's positions) against explicit
+    latent-Gaussian networks: per-unit means, the covariance between positions (shared weights), and
+    no covariance between two examples with the same image (distinct networks)."""
+    g = torch.Generator().manual_seed(1)
+    layer = _perturb(GaussianBinaryConv2d(2, 2, 3, stride=1, padding=1, sigma=0.8), scale=0.8, seed=1)
+    images = torch.where(torch.rand((3, 2, 4, 4), generator=g) < 0.5, 1.0, -1.0).double()
+    images[1] = images[0]  # examples 0 and 1 share an image, example 2 has its own
+    m = 20_000
+    got = layer.sample(images.expand(m, 3, 2, 4, 4), torch.Generator().manual_seed(2))  # [m, 3, 2, 4, 4]
+    assert got.shape == (m, 3, 2, 4, 4)
+    for e in (0, 2):
+        s, b = _latent_sign_draws(layer, m, g)
+        want = _conv_reference(images[e].expand(m, 2, 4, 4), s, b, (1, 1), (1, 1))
+        sd = want.flatten(1).std(0).max().item()
+        assert (got[:, e].mean(0) - want.mean(0)).abs().max() < 4.5 * sd / math.sqrt(m)
+        cov_got, cov_want = (torch.cov(t[:, 0].flatten(1).T) for t in (got[:, e], want))  # 16 positions, channel 0
+        tol = 0.06 * cov_want.diagonal().max()  # ~6 standard errors of a covariance estimate
+        assert (cov_got - cov_want).abs().max() < tol
+        off = cov_want - cov_want.diagonal().diag()
+        assert off.abs().max() > 3 * tol  # the shared weights correlate positions: a visible structure
+    cross = torch.corrcoef(torch.stack([got[:, 0].flatten(1)[:, 5], got[:, 1].flatten(1)[:, 5]]))[0, 1]
+    assert abs(cross) < 4 / math.sqrt(m)  # same image, independent networks
+
+
+def test_binary_conv_deploys_its_draw_as_a_frozen_binary_conv2d():
+    """The deployed BinaryConv2d (frozen, scale 1) computes F.conv2d(sign(x), drawn signs) + drawn bias,
+    zero padding after the sign (float64 oracle; x has exact zeros: sign(0) = +1); no draw: signs of mu."""
+    from frugalrt.nn.ops import unpack_signs
+
+    layer = _perturb(GaussianBinaryConv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2)))
+    drawn = layer.draw(torch.Generator().manual_seed(0))
+    x = torch.randn(5, 3, 7, 6)
+    x[x.abs() < 0.3] = 0.0
+    conv = layer.deploy(drawn)
+    assert isinstance(conv, BinaryConv2d) and conv.frozen and torch.equal(conv.weight_scale_, torch.ones(4))
+    assert (conv.stride, conv.padding, conv.kernel_size) == ((2, 1), (1, 2), (3, 2))
+    assert torch.equal(unpack_signs(conv.weight_packed, 18).reshape(4, 3, 3, 2).double(), drawn["weight"])
+    want = torch.nn.functional.conv2d(torch.where(x >= 0, 1.0, -1.0).double(), drawn["weight"], drawn["bias"],
+                                      stride=(2, 1), padding=(1, 2))
+    with torch.no_grad():
+        np.testing.assert_allclose(conv(x).double().numpy(), want.numpy(), atol=1e-5)
+        mean_signs = torch.where(layer.weight.mu >= 0, 1.0, -1.0)
+        assert torch.equal(unpack_signs(layer.deploy().weight_packed, 18).reshape(4, 3, 3, 2), mean_signs)
+
+
+@pytest.fixture(scope="module")
+def conv_trained(digits):
+    """A tiny conv net on the 8x8 digits (1x8x8, centered): prior by cross-entropy, posterior by fquad."""
+    torch.manual_seed(0)
+    images = [(x.reshape(-1, 1, 8, 8) - 0.5, y) for x, y in digits]
+    net = BinaryActivatedConvNet((1, 8, 8), [(4, 3, 1, 1), (6, 3, 2, 1)], (), 10)
+    fit(net, *images[0], 8, objective=None, risk="cross_entropy", lr=0.1, learn_sigma=False)
+    net.set_prior()
+    history = fit(net, *images[1], 3, objective="fquad", lr=0.05)
+    return net, images, history
+
+
+def test_conv_net_trains_with_fquad_and_exports_the_certified_draw(conv_trained, tmp_path):
+    """fquad moves the posterior (KL > 0, objective decreasing); deploy's network exports with two BinaryConv
+    and one BinaryGemm, runs in ONNX Runtime as in PyTorch, and its certificate's ln dQ/dP is that of the
+    exported module's own weights (torch.distributions)."""
+    import frugalrt
+    from frugalrt.export.metadata import get_metadata
+    from frugalrt.nn.ops import unpack_signs
+    from frugalrt.runtime.ort import run
+
+    net, images, history = conv_trained
+    assert net.kl().item() > 0.05 and history[-1] < history[0]
+    assert net.kl().item() == pytest.approx(exact_kl(net), rel=1e-6)
+    model, cert = deploy(net, images[1], candidates=2, seed=0)
+    assert [type(m).__name__ for m in model] == ["BinaryConv2d", "BinaryConv2d", "Flatten", "BinaryLinear"]
+    parts = [m for m in model if not isinstance(m, torch.nn.Flatten)]
+    own = [{"weight": unpack_signs(m.weight_packed, l.weight.mu[0].numel()).reshape(l.weight.mu.shape),
+            "bias": m.bias.detach()} for m, l in zip(parts, net.layers())]
+    ratio = sum(exact_log_ratio(l, d) for l, d in zip(net.layers(), own))
+    with torch.no_grad():
+        errors = int((model(images[1][0]).argmax(1) != images[1][1]).sum())
+    assert cert.log_density_ratio == pytest.approx(ratio, rel=1e-4, abs=1e-3)
+    assert cert.empirical_risk == errors / len(images[1][1])
+    x = images[2][0][:40]
+    frugalrt.export(model, (x[:7],), tmp_path / "conv.onnx", metadata={"frugalrt.certificate.deployed": cert.to_json()})
+    inventory = json.loads(get_metadata(tmp_path / "conv.onnx")["frugalrt.ops"])
+    assert inventory.get("ai.frugalrt::BinaryConv") == 2 and inventory.get("ai.frugalrt::BinaryGemm") == 1
+    with torch.no_grad():
+        np.testing.assert_allclose(run(tmp_path / "conv.onnx", [x.numpy()])[0], model(x).numpy(), atol=1e-4)
+
+
+def test_conv_net_sampler_and_deployed_draws_agree(conv_trained):
+    """The exact stochastic conv net (``sample_predictions``: fresh network per draw and example) and the
+    deployed networks of explicit draws (frozen BinaryConv2d, Flatten, BinaryLinear) have the same mean
+    error on the bound split (30 draws each, standard errors ~0.01), and both beat chance by far."""
+    net, images, _ = conv_trained
+    x, y = images[1]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        deployed = [float((net.deterministic(net.draw(gen))(x).argmax(1) != y).double().mean()) for _ in range(30)]
+    gibbs = stochastic_error_rates(net, x, y, draws=30, seed=1)
+    assert np.std(deployed) > 0 and gibbs.std() > 0
+    assert abs(np.mean(deployed) - gibbs.mean()) < 0.04 and gibbs.mean() < 0.6
