@@ -189,6 +189,9 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                    "that frugalrt did not write")
     p.add_argument("--board", help="cortex-m4/cortex-m7: the board the bundle must fit (mps2-an386, mps2-an500, "
                    "netduinoplus2); its flash and RAM are checked now, and it is the bundle's default platform")
+    p.add_argument("--batch-bound", type=ZERO_OR_MORE, metavar="N",
+                   help="largest batch of a CPU/CUDA library, whose memory is then planned statically (default "
+                        "4096, lowered for large activations; 0: any batch, allocated per call)")
 
 
 @command("compile", "compile an ONNX model for a target into an artifact directory", _compile_args)
@@ -196,6 +199,7 @@ def _compile(args: argparse.Namespace) -> int:
     from frugalrt.targets.compile import compile as compile_model
 
     artifact = compile_model(args.model, args.target, args.out, force=args.force, board=args.board,
+                             batch_bound=args.batch_bound,
                              progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"wrote {artifact.path} ({artifact.kind} for {artifact.target})")
     return 0

@@ -2,7 +2,8 @@
 
 Steps: copy and freeze the model (binary layers -> packed sign bits), record PyTorch's outputs
 on the example inputs (golden vectors), export with the dynamo exporter and our translation table
-(dynamic batch ``batch``), fold constants without ever unpacking binary weights, attach metadata,
+(dynamic batch ``batch``), fold constants without ever unpacking binary weights, fold BatchNorms
+into the layer before them (``fold_bn``, :mod:`frugalrt.export.fold`), attach metadata,
 run ``onnx.checker`` (full check), then write the file atomically.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from onnxscript import ir, optimizer
 import frugalrt
 from frugalrt._atomic import atomic_path, check_output
 from frugalrt.errors import ExportError
+from frugalrt.export import fold
 from frugalrt.export import metadata as md
 from frugalrt.export import spec_check
 from frugalrt.export.summary import structured_layers
@@ -37,8 +39,11 @@ BATCH = "batch"
 
 def export(model: torch.nn.Module, example_inputs: ExampleInputs, path: Union[str, os.PathLike],
            portable: bool = False, metadata: dict[str, str] | None = None, force: bool = False,
-           protect: Sequence[Union[str, os.PathLike]] = ()) -> onnx.ModelProto:
+           protect: Sequence[Union[str, os.PathLike]] = (), fold_bn: bool = True) -> onnx.ModelProto:
     """Export ``model`` to ``path`` (``ai.frugalrt`` custom ops, or standard ops if ``portable``).
+
+    ``fold_bn``: fold each BatchNormalization (and constant per-channel Mul/Add/Sub) into the
+    layer before it (:func:`frugalrt.export.fold.fold_affine`), so every consumer runs one op less.
 
     Returns the saved ``onnx.ModelProto``. Raises :class:`ExportError` naming the cause; on
     error no file is written. A model may carry its own entries (e.g. PAC-Bayes certificates) in a
@@ -54,6 +59,8 @@ def export(model: torch.nn.Module, example_inputs: ExampleInputs, path: Union[st
     model = frozen_copy(model)
     outputs = _golden_outputs(model, inputs, name)
     proto = to_onnx(model, inputs, portable=portable, name=name)
+    if fold_bn:
+        fold.fold_affine(proto)
     spec_check.check_model(proto, error=ExportError)  # every ai.frugalrt node against docs/ops.md
     md.set_metadata(proto, {md.VERSION_KEY: frugalrt.__version__,
                             md.SOURCE_KEY: f"{type(model).__module__}.{type(model).__qualname__}",

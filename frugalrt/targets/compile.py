@@ -46,8 +46,14 @@ Progress = Callable[[str], None]
 
 
 def compile(model_path: str | os.PathLike, target: str, out_dir: str | os.PathLike,
-            progress: Progress | None = None, force: bool = False, board: str | None = None) -> Artifact:
+            progress: Progress | None = None, force: bool = False, board: str | None = None,
+            batch_bound: int | None = None) -> Artifact:
     """Compile the ONNX model at ``model_path`` for ``target`` into the artifact directory ``out_dir``.
+
+    ``batch_bound``: the largest batch of the shared library (CPU, CUDA), whose intermediate memory
+    is then planned statically (default ``frugalrt.targets.passes.DEFAULT_BATCH_BOUND``, lowered
+    for large activations, recorded in the manifest; 0: any batch, dynamic allocation); see
+    :mod:`frugalrt.targets.passes`.
 
     ``out_dir`` is replaced only when it is empty or a frugalrt artifact (``force``: any directory
     but the working directory, the model's folder or one above them); see ``frugalrt._atomic``.
@@ -66,14 +72,14 @@ def compile(model_path: str | os.PathLike, target: str, out_dir: str | os.PathLi
         with timed("import"):
             mod = _import(model, device)
         with timed("build"):
-            built = _build(mod, device)
+            built, bound = _build(mod, device, batch_bound)
         with timed("link"):
             _link(built, device, tmp, model, board)
         if device.runner == "qemu-arm":  # no TVM runtime for 32-bit ARM: ship a self-contained C bundle too
             with timed("bundle"):
                 _build_bundle(model, device, tmp / BUNDLE, model)
         with timed("write"):
-            _write(model, device, tmp)
+            _write(model, device, tmp, bound)
     return Artifact(out_dir)
 
 
@@ -106,14 +112,21 @@ def _import(model: onnx.ModelProto, device: DeviceTarget):
     return import_onnx(model, tvm_target(device), batch=1 if device.artifact == "c-bundle" else None)
 
 
-def _build(mod, device: DeviceTarget):
+def _build(mod, device: DeviceTarget, batch_bound: int | None = None):
+    """(built module, the batch bound of main's statically planned memory or None: any batch)."""
     if device.artifact == "c-bundle":
-        return mod  # the bundle builder compiles its kernels with TVM's C codegen itself
+        return mod, None  # the bundle builder compiles its kernels with TVM's C codegen itself
     import tvm
 
+    from frugalrt.targets import passes
+    from frugalrt.targets.kernels.standard import lower_standard_ops
+
     target = tvm_target(device)
+    mod = lower_standard_ops(mod, target)  # fast standard-op kernels, before passes legalize the rest
+    mod = passes.optimize(mod, target, passes.DEFAULT_BATCH_BOUND if batch_bound is None else batch_bound)
+    bound = passes.planned_bound(mod)
     with target:
-        return tvm.compile(mod, target=target)
+        return tvm.compile(mod, target=target), bound
 
 
 def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto, board: str | None = None) -> None:
@@ -167,7 +180,7 @@ def check_cuda_source(path: Path, archs: tuple[str, ...] = CUDA_CHECK_ARCHS) -> 
     return list(archs)
 
 
-def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path) -> None:
+def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path, batch_bound: int | None = None) -> None:
     data = model.SerializeToString()
     (out / MODEL).write_bytes(data)
     golden = read_golden(model)
@@ -184,6 +197,7 @@ def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path) -> None:
         "inputs": [_value_info(v) for v in _graph_inputs(model)],
         "outputs": [_value_info(v) for v in model.graph.output],
         "param_bytes": sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer),
+        **({"batch_bound": batch_bound} if batch_bound else {}),  # main's memory is planned for batch <= it
         "files": {"lib": LIB_FILES[device.artifact], "model": MODEL,
                   **({"golden": GOLDEN} if golden is not None else {}),
                   **({"bundle": BUNDLE} if device.runner == "qemu-arm" else {})},

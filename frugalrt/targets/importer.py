@@ -5,8 +5,11 @@ frontend, ``ai.frugalrt`` ops to the lowering registered under (domain, op_type,
 anything else is an :class:`UnsupportedOpError` naming domain, op and version. Each ``ai.frugalrt``
 node is then checked against its spec, its parameters must be constants and NaN or infinite
 weights are refused (:func:`frugalrt.export.spec_check.check_model`), so a malformed model fails in
-one line before any Relax is built. Custom nodes are renamed to unique op types
-(``ai.frugalrt::Butterfly@v1``) for the frontend, which ignores domains.
+one line before any Relax is built. The graph is then simplified on a copy
+(:func:`frugalrt.export.fold.optimize_graph`: BatchNorm and per-channel constant affines folded into
+the neighbouring op, identity reshapes and sign-preserving clips before binary ops removed), and
+custom nodes are renamed to unique op types (``ai.frugalrt::Butterfly@v1``) for the frontend,
+which ignores domains.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any
 import onnx
 
 from frugalrt.errors import ArtifactError, UnsupportedOpError
-from frugalrt.export import schemas, spec_check
+from frugalrt.export import fold, schemas, spec_check
 from frugalrt.runtime.reference import DOMAIN
 from frugalrt.targets.registry import DeviceTarget, tvm_target
 
@@ -74,12 +77,13 @@ def check_ops(model: onnx.ModelProto) -> dict[int, tuple[str, str, int]]:
 
 
 def import_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, target: Any = None,
-                batch: int | None = None):
+                batch: int | None = None, optimize: bool = True):
     """ONNX model -> Relax IRModule (parameters bound as constants, dynamic batch kept).
 
     ``target`` (a name, DeviceTarget or ``tvm.target.Target``; default ``host``) selects the kernel
     each ``ai.frugalrt`` lowering emits. ``batch`` fixes the symbolic leading dimension of every
-    graph input (e.g. 1 for a microcontroller bundle with fully static shapes).
+    graph input (e.g. 1 for a microcontroller bundle with fully static shapes). ``optimize``: fold
+    the graph first (:func:`frugalrt.export.fold.optimize_graph`; the caller's model is not changed).
     """
     import tvm
 
@@ -93,6 +97,9 @@ def import_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, target: Any 
     spec_check.check_model(model, error=ArtifactError, constant_parameters=True)
     renamed = onnx.ModelProto()
     renamed.CopyFrom(model)
+    if optimize:
+        fold.optimize_graph(renamed)
+        custom = check_ops(renamed)  # node indices after the rewrite
     if batch is not None:
         _fix_batch(renamed, batch)
     converters = {}

@@ -57,3 +57,88 @@ def test_foreign_artifact_and_unknown_device_are_refused(digits_host_artifact, t
     (arm / "manifest.json").write_text(__import__("json").dumps(manifest))
     with pytest.raises(DeviceError, match="rpi4 shared-lib cannot run on this machine"):
         frugalrt.load(arm)
+
+
+# --- the lean call path: same numbers as the VM called directly, whatever the input's memory ----------
+
+def _vm_output(session, x):
+    """Oracle: the VM's ``main`` called on a TVM copy of ``x``, output copied out with ``.numpy()``."""
+    import tvm
+
+    return session.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x))).numpy()
+
+
+def _aligned(shape, offset_bytes=0):
+    """A float32 array whose data starts ``offset_bytes`` after a 64-byte boundary."""
+    n = int(np.prod(shape))
+    raw = np.empty(n * 4 + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + offset_bytes
+    return raw[start:start + n * 4].view(np.float32).reshape(shape)
+
+
+def _inputs(batch, kind):
+    rng = np.random.default_rng(batch)
+    values = rng.standard_normal((batch, 64)).astype(np.float32)
+    if kind == "fresh":
+        return values
+    if kind == "strided":
+        wide = np.repeat(values, 2, axis=0)
+        return wide[::2]  # not contiguous
+    if kind == "fortran":
+        return np.asfortranarray(values)
+    x = _aligned((batch, 64), offset_bytes=4 if kind == "misaligned" else 0)
+    x[...] = values
+    return x
+
+
+@pytest.mark.parametrize("kind", ["fresh", "aligned", "misaligned", "strided", "fortran"])
+@pytest.mark.parametrize("batch", [1, 7, 300, 4096])  # 300 x 64 float32 >= 64 KiB: zero-copy when aligned
+def test_lean_path_equals_the_vm_called_directly(session, kind, batch):
+    x = _inputs(batch, kind)
+    keep = x.copy()
+    (got,) = session(x)
+    np.testing.assert_array_equal(got, _vm_output(session, keep))  # bit-identical: same kernels
+    np.testing.assert_array_equal(x, keep)  # the input is never written
+
+
+def test_a_batch_above_the_batch_bound_is_a_clear_error(session):
+    bound = session.artifact.manifest["batch_bound"]
+    with pytest.raises(ArtifactError, match=rf"batch {bound + 1} exceeds the artifact's batch_bound {bound}"):
+        session(np.zeros((bound + 1, 64), np.float32))
+
+
+def test_outputs_are_fresh_writable_arrays(session):
+    x = _inputs(7, "fresh")
+    (first,) = session(x)
+    kept = first.copy()
+    (second,) = session(x[::-1].copy())
+    np.testing.assert_array_equal(first, kept)  # the next call does not overwrite an earlier result
+    first[:] = 0
+    np.testing.assert_array_equal(session(x)[0], kept)
+    assert second.flags.writeable and not np.shares_memory(first, second)
+
+
+@pytest.fixture(scope="module")
+def alias_artifact(tmp_path_factory):
+    """A model with two outputs, Relu(x) and Identity(x): the VM returns the second as the very
+    tensor it was given (memory the session owns and reuses), so the session must copy it out."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 8])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Identity", ["x"], ["z"])],
+                              "alias", [value("x")], [value("y"), value("z")])
+    path = tmp_path_factory.mktemp("alias") / "alias.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return frugalrt.compile(path, "host", path.parent / "host").path
+
+
+def test_an_output_aliasing_the_input_buffer_is_copied(alias_artifact):
+    s = frugalrt.load(alias_artifact)
+    a = np.arange(-8, 16, dtype=np.float32).reshape(3, 8)
+    first = s(a)
+    second = s(a + 100)
+    np.testing.assert_array_equal(first[0], np.maximum(a, 0))
+    np.testing.assert_array_equal(first[1], a)  # not overwritten by the second call
+    np.testing.assert_array_equal(second[1], a + 100)
+    s.close()
