@@ -8,7 +8,7 @@ import sys
 
 from benchmarks.common import format_table, single_thread
 
-SUITE = ("butterfly", "binary", "model", "factorize", "emulated")
+SUITE = ("butterfly", "binary", "ops", "model", "models", "factorize", "emulated")
 
 
 def main(argv=None) -> int:
