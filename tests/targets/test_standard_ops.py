@@ -27,14 +27,6 @@ GENERIC, AVX2, AVX512 = "x86-64", "haswell", "skylake-avx512"
 INSPECTED = "test_kernels_compile_to_the_family_isa"
 
 
-@pytest.fixture
-def cpu(request, x86_cpu):
-    """The X86Cpu named by the test's ``cpu`` parameter (indirect); skips unless this machine runs its code."""
-    c = x86_cpu(request.param)
-    c.require(INSPECTED)
-    return c
-
-
 def isa_of(target):
     from frugalrt.targets.kernels.standard import target_isa
 
@@ -232,11 +224,9 @@ def test_exp_is_accurate_and_exact_at_the_ends():
     assert abs(y[-1] - math.e) <= EPS32 * math.e
 
 
-def test_kernel_scratch_is_not_heap_memory():
+def test_kernel_scratch_is_not_heap_memory(scratch_in_registers):
     """Mutable TIR variables and "local" buffers become heap memory in the Relax build, and so does a
     buffer of 1 KiB or more: the accumulators must stay below (stack arrays LLVM keeps in registers)."""
-    import re
-
     from frugalrt.targets.kernels import cpu_dense, cpu_norm
     from frugalrt.targets.kernels.cpu_dense import CONFIGS, _kernel_scratch
 
@@ -245,11 +235,7 @@ def test_kernel_scratch_is_not_heap_memory():
     kernels.update({"softmax": cpu_norm.softmax_primfunc(100, 16), "gelu": cpu_norm.elementwise_primfunc("gelu", 16),
                     "layer_norm": cpu_norm.layer_norm_primfunc(100, 16, 1e-5)})
     for name, func in kernels.items():
-        script = func.script()
-        mutable = [line.strip() for line in script.splitlines()
-                   if re.match(r"\s+\w+: T\.\w+ = ", line) and "T.let[" not in line]
-        assert not mutable, (name, mutable)
-        assert 'scope="local"' not in script, name
+        scratch_in_registers(name, func)
     for cfg in CONFIGS.values():
         for shape in _kernel_scratch(cfg):
             assert shape[0] * shape[1] * 4 < 1024, (cfg, shape)
