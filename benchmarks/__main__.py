@@ -8,7 +8,7 @@ import sys
 
 from benchmarks.common import format_table, single_thread
 
-SUITE = ("butterfly", "binary", "ops", "model", "models", "factorize", "emulated")
+SUITE = ("butterfly", "binary", "ops", "model", "models", "factorize", "emulated", "gpu")
 
 
 def main(argv=None) -> int:

@@ -204,21 +204,37 @@ import numpy as np
 kind, path, inputs, number = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 x = np.ascontiguousarray(np.load(inputs))
 if kind == "tvm":  # what frugalrt.load's LocalSession does per call (small inputs): copy into a buffer
-    import tvm  # allocated once, run main, return a DLPack view of the output (a copy if outputs alias)
+    import json  # allocated once, run the artifact's static plan (its kernels in order, no VM) and copy
+    import os  # the output out; without a plan, run main on the VM and return a DLPack view of its output
+
+    import tvm
     from tvm.runtime.vm import VirtualMachine
 
-    main = VirtualMachine(tvm.runtime.load_module(path), tvm.cpu())["main"]
+    module = tvm.runtime.load_module(path)
+    vm = VirtualMachine(module, tvm.cpu())
+    with open(os.path.join(os.path.dirname(path), "manifest.json")) as f:
+        plan = json.load(f).get("plan")
     buffer = tvm.runtime.empty(x.shape, str(x.dtype))
     view = np.from_dlpack(buffer)
-    view[...] = x
-    first, second = main(buffer), main(buffer)
-    copy = first.data_ptr() in (second.data_ptr(), buffer.data_ptr())
-    del first, second
+    if plan:
+        from frugalrt_plan import StaticPlan  # frugalrt/runtime/plan.py, copied beside this script
 
-    def run():
+        call = StaticPlan(module, vm, plan).bind([buffer], x.shape[0])
+
+        def run():
+            view[...] = x
+            return call()[0]
+    else:
+        main = vm["main"]
         view[...] = x
-        y = main(buffer)
-        return y.numpy() if copy else np.from_dlpack(y)
+        first, second = main(buffer), main(buffer)
+        copy = first.data_ptr() in (second.data_ptr(), buffer.data_ptr())
+        del first, second
+
+        def run():
+            view[...] = x
+            y = main(buffer)
+            return y.numpy() if copy else np.from_dlpack(y)
 else:
     import onnxruntime as ort
 
@@ -237,30 +253,32 @@ print("FRUGALRT_OUT", float(np.asarray(y, np.float64).sum()), flush=True)
 '''
 
 
-def ensure_ort_aarch64(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
-    """ONNX Runtime ORT_AARCH64 + numpy<2 for aarch64 cp311, installed once by the host pip into the
-    frugalrt cache (next to the emulator userland; lock + atomic rename like it)."""
+def ensure_aarch64_site(name: str, package_dir: str, requirement: str,
+                        log=lambda msg: print(msg, file=sys.stderr)) -> Path:
+    """``requirement`` + numpy<2 for aarch64 cp311, installed once by the host pip into the frugalrt
+    cache folder ``aarch64-py311-NAME`` (next to the emulator userland; lock + atomic rename like
+    it); ``package_dir`` is the folder that shows it is there."""
     import shutil
 
     from frugalrt._cache import cache_dir
     from frugalrt.runtime.emulator.userland import file_lock
 
-    final = cache_dir() / "emulator" / f"aarch64-py311-onnxruntime{ORT_AARCH64}"
-    if (final / "onnxruntime").is_dir():
+    final = cache_dir() / "emulator" / f"aarch64-py311-{name}"
+    if (final / package_dir).is_dir():
         return final
     with file_lock(final.parent / ".setup.lock"):
-        if (final / "onnxruntime").is_dir():
+        if (final / package_dir).is_dir():
             return final
-        log(f"installing the aarch64 onnxruntime=={ORT_AARCH64} wheel into {final} with the host pip (once)")
-        tmp = Path(tempfile.mkdtemp(prefix=".building-ort-", dir=final.parent))
+        log(f"installing the aarch64 {requirement} wheel into {final} with the host pip (once)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".building-{name}-", dir=final.parent))
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--quiet", "--no-warn-conflicts",
-                 "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64",
-                 "--python-version", "3.11", "--implementation", "cp", "--abi", "cp311", "--target", str(tmp / "site"),
-                 f"onnxruntime=={ORT_AARCH64}", "numpy<2"], capture_output=True, text=True)
+                 "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_27_aarch64",
+                 "--platform", "manylinux2014_aarch64", "--python-version", "3.11", "--implementation", "cp",
+                 "--abi", "cp311", "--target", str(tmp / "site"), requirement, "numpy<2"], capture_output=True, text=True)
             if proc.returncode:
-                raise RuntimeError(f"pip install --platform manylinux_2_28_aarch64 onnxruntime=={ORT_AARCH64} failed: "
+                raise RuntimeError(f"pip install --platform manylinux_2_28_aarch64 {requirement} failed: "
                                    f"{(proc.stderr or proc.stdout).strip()[-400:]}")
             (tmp / "site").rename(final)
         finally:
@@ -268,16 +286,25 @@ def ensure_ort_aarch64(log=lambda msg: print(msg, file=sys.stderr)) -> Path:
     return final
 
 
+def ensure_ort_aarch64() -> Path:
+    """ONNX Runtime ORT_AARCH64 for the device Python (:func:`ensure_aarch64_site`)."""
+    return ensure_aarch64_site(f"onnxruntime{ORT_AARCH64}", "onnxruntime", f"onnxruntime=={ORT_AARCH64}")
+
+
 class EmulatedCounter:
     """Whole-process instruction counts of ``_DEVICE_RUNNER`` under qemu-aarch64 (Cortex-A72)."""
 
     def __init__(self, tmp: str, budget: float):
+        import shutil
+
+        from frugalrt.runtime import plan as plan_module
         from frugalrt.runtime.emulator.userland import ensure_userland
 
         self.userland, self.ort_site = ensure_userland(), ensure_ort_aarch64()
         self.tmp, self.budget = Path(tmp), budget
         self.script = self.tmp / "device_runner.py"
         self.script.write_text(_DEVICE_RUNNER)
+        shutil.copyfile(Path(plan_module.__file__), self.tmp / "frugalrt_plan.py")
 
     def command(self, kind: str, path: str, inputs: str, number: int) -> list[str]:
         cmd = self.userland.command(str(self.script), kind, path, inputs, str(number),

@@ -7,6 +7,11 @@ GELU), and
 the same model in ONNX Runtime (CPU provider, one thread). "x frugalrt" = ORT time / frugalrt time
 (> 1: frugalrt faster); the target is >= 0.67 (frugalrt within 1.5x of ORT). Each row also records
 the largest difference from ORT's output (``max_abs_vs_ort``) and ``within_1_5x``.
+
+On the emulated rpi4 (qemu-aarch64 Cortex-A72), the single-input cases compiled for ``rpi4`` and
+the same models in ONNX Runtime 1.19.2 for aarch64: instructions per whole inference from the
+device's Python (``benchmarks.bench_models.EmulatedCounter``: slope over N runs, deterministic),
+ratio = ORT / frugalrt, same >= 0.67 target.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ def _model(nodes, inputs: dict, inits: dict, opset: int = 20):
                                             for k, s in inputs.items()],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in inits.items()])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)  # ORT 1.19 reads <= 10
 
 
 def cases(quick: bool, rng) -> list[tuple[str, object, dict]]:
@@ -85,4 +90,49 @@ def run(args) -> list[dict]:
         ratio = times["ONNX Runtime"] / times["frugalrt"]
         rows.append(case("ops", name, times, {"max_abs_vs_ort": err, "within_1_5x": ratio >= TARGET_RATIO}))
         print(f"ops {name}: x{ratio:.2f} vs ORT (max abs diff {err:.1e})", file=sys.stderr)
+    return rows + emulated_rows(args.quick)
+
+
+def emulated_rows(quick: bool) -> list[dict]:
+    """Instructions per whole inference on the emulated rpi4, frugalrt vs ORT aarch64 (module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    import frugalrt
+    from benchmarks.bench_models import EMU_BUDGET, ORT_AARCH64, EmulatedCounter, emulation_unavailable
+
+    reason = emulation_unavailable()
+    if reason:
+        print(f"ops: emulated rpi4 counts skipped: {reason}", file=sys.stderr)
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="frugalrt-bench-ops-") as tmp:
+        counter = EmulatedCounter(tmp, 3e7 if quick else EMU_BUDGET)
+        for i, (name, model, feeds) in enumerate(cases(quick, np.random.default_rng(0))):
+            if len(feeds) != 1:  # the device runner feeds one input
+                continue
+            path = Path(tmp) / f"op{i}.onnx"
+            onnx.save(model, path)
+            artifact = frugalrt.compile(path, "rpi4", Path(tmp) / f"op{i}")
+            x = next(iter(feeds.values()))
+            ours, theirs = (counter.per_inference(kind, target, x)["instructions"]
+                            for kind, target in (("tvm", str(artifact.lib_path)), ("ort", str(path))))
+            ratio = theirs / ours
+            rows.append({"bench": "ops-rpi4", "case": name, "device": "qemu-aarch64 -cpu cortex-a72",
+                         "instructions": {"frugalrt": ours, f"ORT {ORT_AARCH64}": theirs}, "ratio": ratio,
+                         "within_1_5x": ratio >= TARGET_RATIO})
+            print(f"ops {name} on rpi4: frugalrt {ours:,} vs ORT {theirs:,} instructions per inference: "
+                  f"x{ratio:.2f}", file=sys.stderr)
+    print(format_emulated(rows))
     return rows
+
+
+def format_emulated(rows: list[dict]) -> str:
+    lines = ["| op (rpi4, whole inference) | frugalrt instructions | ORT aarch64 instructions | x frugalrt |",
+             "|---|---:|---:|---:|"]
+    for r in rows:
+        ours, theirs = r["instructions"].values()
+        lines.append(f"| {r['case']} | {ours:,} | {theirs:,} | {r['ratio']:.2f} |")
+    return "\n".join(lines)

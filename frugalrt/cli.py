@@ -9,6 +9,7 @@ removed (``frugalrt._atomic``).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -208,7 +209,9 @@ def _compile(args: argparse.Namespace) -> int:
 def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact directory written by `frugalrt compile`")
     p.add_argument("--device", default="local",
-                   help="local (default), rpc://HOST:PORT, tracker://HOST:PORT/KEY, qemu or qemu:BOARD")
+                   help="local (default), cuda or cuda:N (NVIDIA GPU), rpc://HOST:PORT, tracker://HOST:PORT/KEY, qemu or qemu:BOARD, or a phone "
+                        "or board with no TVM runtime: adb://SERIAL or ssh://USER@HOST[:PORT] (runs the artifact's "
+                        "static runner there; options ?timeout=S&runner=runner-noneon, see docs/devices.md)")
     p.add_argument("--emulate", action="store_true", help="run under qemu (same as --device qemu:BOARD)")
     p.add_argument("--board", help="qemu board for --emulate (e.g. mps2-an386)")
     p.add_argument("--rtol", type=TOLERANCE, default=1e-4,
@@ -218,15 +221,21 @@ def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--atol", type=TOLERANCE, default=1e-5,
                    help="absolute tolerance of float outputs (default %(default)g), added to the float32 noise "
                         "floor above; integer outputs are compared exactly, NaN/inf as IEEE values")
+    p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON (per output: max abs/rel "
+                   "error, tolerance, pass/fail)")
 
 
 @command("validate", "run an artifact on golden vectors and compare with PyTorch's outputs", _validate_args)
 def _validate(args: argparse.Namespace) -> int:
+    from frugalrt._atomic import check_output
     from frugalrt.runtime.validate import validate
 
     device = (f"qemu:{args.board}" if args.board else "qemu") if args.emulate else args.device
+    if args.json:
+        check_output(args.json, inputs=[args.artifact], suffixes=(".json",))
     report = validate(args.artifact, device=device, rtol=args.rtol, atol=args.atol)
     print(report.table())
+    _write_text(args.json, report.to_json(), args.artifact, lambda m: print(m, file=sys.stderr, flush=True))
     return 0 if report.passed else 1
 
 
@@ -234,11 +243,14 @@ def _validate(args: argparse.Namespace) -> int:
 def _targets(args: argparse.Namespace) -> int:
     from frugalrt.targets.registry import TARGETS
 
-    print(f"{'TARGET':<15}{'ARTIFACT':<13}{'RUNS ON':<13}{'NEEDS':<44}DESCRIPTION")
+    rows = []
     for t in TARGETS.values():
         missing = set(t.missing_tools())
         needs = ", ".join(f"{tool}{' (missing)' if tool in missing else ''}" for tool in t.needs) or "-"
-        print(f"{t.name:<15}{t.artifact:<13}{t.runner:<13}{needs:<44}{t.description}")
+        rows.append((t.name, t.artifact, t.runner, needs, t.description))
+    width = max(len("NEEDS"), *(len(r[3]) for r in rows)) + 2
+    for row in [("TARGET", "ARTIFACT", "RUNS ON", "NEEDS", "DESCRIPTION"), *rows]:
+        print(f"{row[0]:<15}{row[1]:<13}{row[2]:<13}{row[3]:<{width}}{row[4]}")
     return 0
 
 
@@ -290,12 +302,22 @@ def _device(args: argparse.Namespace) -> int:
 
 def _profile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", help="artifact directory written by `frugalrt compile`")
-    p.add_argument("--device", default="local", help="local (default), rpc://HOST:PORT or tracker://HOST:PORT/KEY")
-    p.add_argument("--runs", type=COUNT, default=100, help="timed runs (default 100)")
+    p.add_argument("--device", default="local", help="local (default), cuda or cuda:N (NVIDIA GPU), rpc://HOST:PORT, tracker://HOST:PORT/KEY, "
+                   "adb://SERIAL or ssh://USER@HOST[:PORT] (the static runner times itself there; docs/devices.md)")
+    p.add_argument("--runs", type=COUNT, help="timed runs (default 100)")
+    p.add_argument("--duration", type=POSITIVE, metavar="SECONDS", help="time runs for about this long "
+                   "instead of a number of runs")
     p.add_argument("--warmup", type=ZERO_OR_MORE, default=10, help="untimed warm-up runs (default 10)")
+    p.add_argument("--input", metavar="FILE", help="inputs: .npy (one-input models) or .npz with one array per "
+                   "input name (default: the golden inputs recorded at export)")
+    p.add_argument("--batch", type=COUNT, help="seeded random inputs with this batch instead of the golden ones")
+    p.add_argument("--threads", type=COUNT, default=1, help="TVM runtime threads on the device (default 1)")
     p.add_argument("--baseline", metavar="MODEL.onnx", help="also compile and profile this model (e.g. the "
                    "dense equivalent) for the same target and print the ratio")
     p.add_argument("--json", metavar="OUT.json", help="write the report as JSON")
+    p.add_argument("--csv", metavar="OUT.csv", help="write the per-op table as CSV")
+    p.add_argument("--trace", metavar="OUT.json", help="write the per-op rounds as a Chrome/Perfetto trace "
+                   "(chrome://tracing, ui.perfetto.dev)")
     p.add_argument("--plot", metavar="OUT.png", help="write a latency histogram and per-op bars (matplotlib)")
     p.add_argument("--devices", type=COUNT, default=1, help="with a tracker device: profile K devices in parallel")
     p.add_argument("--no-count", action="store_true", help="skip the instruction count on emulated devices")
@@ -310,46 +332,75 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 def _profile(args: argparse.Namespace) -> int:
     import json
 
-    from frugalrt._atomic import atomic_path, check_output
+    from frugalrt._atomic import check_output
     from frugalrt.runtime import profile
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    outputs = {args.json: (".json",), args.plot: PLOT_SUFFIXES}
+    outputs = {args.json: (".json",), args.plot: PLOT_SUFFIXES, args.csv: (".csv",), args.trace: (".json",)}
     for path, suffixes in outputs.items():  # refuse a bad output before the (long) run, not after it
         if path:
             check_output(path, inputs=[args.artifact], suffixes=suffixes)
+    _check_profile_options(args)
     if args.plot:
         from frugalrt.runtime.profile_plot import require_matplotlib
 
         require_matplotlib()
-    if args.emulate and (args.plot or args.devices > 1):
-        raise FrugalError("--emulate reports instruction counts: --plot and --devices do not apply")
-    if args.devices > 1 and (args.plot or args.baseline):
-        raise FrugalError("--devices profiles the artifact on several devices: drop --plot and --baseline "
-                          "(profile the baseline with one device)")
+    workload = profile.Workload(args.input, args.batch, args.threads, args.duration)
+    runs = args.runs or 100
     if args.emulate:
         result = profile.profile_emulated(args.artifact, args.board, args.baseline, say)
         print(profile.emulated_table(result))
-        text = json.dumps(result, indent=1)
-    elif args.devices > 1:
-        reports = profile.profile_many(args.artifact, args.device, args.devices, args.runs, args.warmup, say)
+        _write_text(args.json, json.dumps(result, indent=1), args.artifact, say)
+        return 0
+    if args.devices > 1:
+        reports = profile.profile_many(args.artifact, args.device, args.devices, runs, args.warmup, say, workload)
         print("\n\n".join(r.table() for r in reports))
-        text = json.dumps({"devices": [json.loads(r.to_json()) for r in reports]}, indent=1)
-    else:
-        report = profile.profile(args.artifact, args.device, args.runs, args.warmup, args.baseline,
-                                 not args.no_count, say)
-        print(report.table())
-        text = report.to_json()
-    if args.json:
-        with atomic_path(args.json, inputs=[args.artifact], suffixes=(".json",)) as tmp:
-            tmp.write_text(text)
-        say(f"wrote {args.json}")
+        _write_text(args.json, json.dumps({"devices": [json.loads(r.to_json()) for r in reports]}, indent=1),
+                    args.artifact, say)
+        return 0
+    report = profile.profile(args.artifact, args.device, runs, args.warmup, args.baseline, not args.no_count, say,
+                             workload)
+    print(report.table())
+    _write_text(args.json, report.to_json(), args.artifact, say)
+    _write_text(args.csv, report.csv(), args.artifact, say)
+    _write_text(args.trace, report.trace(), args.artifact, say)
     if args.plot:
         from frugalrt.runtime.profile_plot import plot
 
         plot(report, args.plot)
         say(f"wrote {args.plot}")
     return 0
+
+
+def _check_profile_options(args: argparse.Namespace) -> None:
+    """Options that do not go together, refused before anything runs."""
+    if args.runs and args.duration:
+        raise FrugalError("--runs and --duration both say how long to time: pass one")
+    if args.input and args.batch:
+        raise FrugalError("--input and --batch both choose the inputs: pass one (the file's batch is its own)")
+    if args.emulate and (args.plot or args.devices > 1 or args.csv or args.trace):
+        raise FrugalError("--emulate reports instruction counts: --plot, --csv, --trace and --devices do not apply")
+    if args.emulate and (args.input or args.batch or args.duration or args.threads != 1):
+        raise FrugalError("--emulate counts one inference on the golden inputs: --input, --batch, --duration and "
+                          "--threads do not apply")
+    if args.devices > 1 and (args.plot or args.baseline or args.csv or args.trace):
+        raise FrugalError("--devices profiles the artifact on several devices: drop --plot, --csv, --trace and "
+                          "--baseline (profile the baseline with one device)")
+    if args.input and not os.path.isfile(args.input):
+        raise FrugalError(f"--input {args.input}: no such file")
+    outputs = [os.path.abspath(p) for p in (args.json, args.csv, args.trace, args.plot) if p]
+    if len(set(outputs)) < len(outputs):
+        raise FrugalError("--json, --csv, --trace and --plot must name different files")
+
+
+def _write_text(path: str | None, text: str, artifact: str, say: Callable[[str], None]) -> None:
+    """Write ``text`` to ``path`` atomically (nothing when ``path`` is None)."""
+    from frugalrt._atomic import atomic_path
+
+    if path:
+        with atomic_path(path, inputs=[artifact], suffixes=(os.path.splitext(path)[1] or ".txt",)) as tmp:
+            tmp.write_text(text)
+        say(f"wrote {path}")
 
 
 # --- nn: compress dense layers to butterflies (PACBAYES) --------------------------------------------

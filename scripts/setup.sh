@@ -20,13 +20,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-DEBS="qemu-user qemu-system-arm gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-armhf-cross gcc-arm-none-eabi libnewlib-arm-none-eabi"
+# gcc-arm-linux-gnueabi (armel glibc, ARMv5TE code): the Pi Zero's static runner (Debian's armhf glibc is ARMv7);
+# openssh-server: the tests' ssh:// device, an sshd on 127.0.0.1 with its own config and keys.
+DEBS="qemu-user qemu-system-arm gcc-aarch64-linux-gnu g++-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-armhf-cross gcc-arm-linux-gnueabi libc6-dev-armel-cross gcc-arm-none-eabi libnewlib-arm-none-eabi openssh-server file"
 missing=""
-for tool in qemu-aarch64 qemu-arm qemu-system-arm aarch64-linux-gnu-g++ arm-linux-gnueabihf-gcc arm-none-eabi-gcc; do
+for tool in qemu-aarch64 qemu-arm qemu-system-arm aarch64-linux-gnu-g++ arm-linux-gnueabihf-gcc arm-linux-gnueabi-gcc arm-none-eabi-gcc file; do
   command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
 done
 [ -f /usr/lib/arm-none-eabi/newlib/libc.a ] || [ -f /usr/lib/arm-none-eabi/lib/libc.a ] || missing="$missing newlib"
 [ -f /usr/arm-linux-gnueabihf/include/stdio.h ] || missing="$missing armhf-libc"
+[ -f /usr/arm-linux-gnueabi/lib/libc.a ] || missing="$missing armel-libc"
+[ -x /usr/sbin/sshd ] || missing="$missing sshd"
 # The emulated Raspberry Pi's userland is made of Debian arm64 packages (apt-get download).
 apt-cache show python3.11-minimal:arm64 >/dev/null 2>&1 || missing="$missing arm64-package-lists"
 if [ -n "$missing" ]; then
@@ -38,5 +42,10 @@ if [ -n "$missing" ]; then
   else
     echo "[setup] WARNING: missing$missing; as root run: dpkg --add-architecture arm64 && apt-get update && apt-get install --no-install-recommends $DEBS (the compile and emulated test tiers need them)" >&2
   fi
+fi
+# sshd run as root (the tests' ssh:// device) needs its privilege separation directory, which a
+# container without systemd never creates.
+if [ "$(id -u)" = 0 ] && [ -x /usr/sbin/sshd ] && [ ! -d /run/sshd ]; then
+  mkdir -p -m 0755 /run/sshd
 fi
 echo "[setup] ready: $VENV/bin/frugalrt"

@@ -17,10 +17,18 @@ into them here, on the ONNX graph, where every consumer (ONNX Runtime, TVM, the 
   ``sign(clip(x)) == sign(x)`` exactly (docs/ops.md). (Not ``LeakyRelu``: ``alpha * x`` can
   underflow to -0.0, whose sign is +1.)
 
+* :func:`fuse_activations`: a ``Relu``, or a ``Clip`` with constant bounds, right after an
+  ``ai.frugalrt`` op becomes the op's ``activation`` attribute (its output transform applies it:
+  bit-identical, docs/ops.md).
+* :func:`pack_between_binary` (only where the caller asks: the importer, for targets whose binary
+  kernels take packed activations): a ``BinaryGemm``/``BinaryConv`` whose output is read only as
+  the ``X`` of other binary ops emits its packed sign bits (``output_packed``) and they read them
+  (``input_packed``): bit-identical, since they binarize it anyway (docs/ops.md).
+
 A fold happens only when it is exact in real arithmetic: the folded-away value has no other
 consumer and is no graph output, the constants are float32 initializers (or ``Constant`` nodes)
 that broadcast along the channel axis only, and the folded values are finite. Anything else is
-left as it was. :func:`optimize_graph` runs the three in order (what ``frugalrt.compile`` does);
+left as it was. :func:`optimize_graph` runs them in order (what ``frugalrt.compile`` does);
 ``frugalrt.export(..., fold_bn=True)`` runs :func:`fold_affine`.
 """
 from __future__ import annotations
@@ -43,18 +51,24 @@ class FoldStats:
     reshapes: int = 0
     affine: dict[str, int] = field(default_factory=dict)  # folded op type -> count
     clips: int = 0
+    activations: int = 0
+    packed: int = 0  # binary ops that now emit packed sign bits (no node removed)
 
     @property
     def total(self) -> int:
-        return self.reshapes + sum(self.affine.values()) + self.clips
+        return self.reshapes + sum(self.affine.values()) + self.clips + self.activations
 
 
-def optimize_graph(model: onnx.ModelProto) -> FoldStats:
-    """Identity reshapes, then affine folding, then sign-preserving clips before binary ops (in place)."""
+def optimize_graph(model: onnx.ModelProto, pack_bits: bool = False) -> FoldStats:
+    """Identity reshapes, then affine folding, then sign-preserving clips before binary ops, then
+    activations into the ops, then (``pack_bits``: only for consumers whose binary kernels take
+    packed activations) packed sign bits between binary ops (in place)."""
     stats = FoldStats()
     stats.reshapes = remove_identity_reshapes(model)
     stats.affine = fold_affine(model)
     stats.clips = drop_clips_before_binary(model)
+    stats.activations = fuse_activations(model)
+    stats.packed = pack_between_binary(model) if pack_bits else 0
     return stats
 
 
@@ -124,6 +138,14 @@ class _Graph:
         return None if dims is None else len(dims)
 
 
+def _remove(g: _Graph, node: onnx.NodeProto, value: str, consts: set[str]) -> None:
+    """Remove ``node`` and the value info of ``value`` (no longer computed); its constant inputs
+    join ``consts``, the candidates for :func:`_prune_constants`."""
+    g.remove_node(node)
+    g.drop_value_info(value)
+    consts.update(node.input[1:])
+
+
 def _prune_constants(model: onnx.ModelProto, candidates: set[str]) -> None:
     """Remove the initializers / Constant nodes in ``candidates`` that nothing reads any more."""
     graph = model.graph
@@ -155,6 +177,15 @@ def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
             del node.attribute[i]
             break
     node.attribute.append(helper.make_attribute(name, value))
+
+
+def _is_binary(node: onnx.NodeProto) -> bool:
+    return node.domain == DOMAIN and node.op_type in BINARY_OPS
+
+
+def _reads_as_x(user: onnx.NodeProto, name: str) -> bool:
+    """``user`` is a binary op that reads ``name`` as its X only (so it binarizes it)."""
+    return _is_binary(user) and user.input[0] == name and list(user.input).count(name) == 1
 
 
 def _is_float32(*arrays) -> bool:
@@ -398,21 +429,28 @@ def fold_affine(model: onnx.ModelProto) -> dict[str, int]:
 
 # --- clips before binarization -----------------------------------------------------------------------
 
-def _keeps_sign(g: _Graph, node: onnx.NodeProto) -> bool:
+def _clip_bounds(g: _Graph, node: onnx.NodeProto) -> tuple[float, float] | None:
+    """(min, max) of a standard ``Clip`` with constant scalar bounds (absent: -inf, inf), else None."""
     if node.domain not in STANDARD or node.op_type != "Clip":
-        return False
+        return None
     lo, hi = _attr(node, "min"), _attr(node, "max")  # opset < 11: attributes
     if len(node.input) > 1 and node.input[1]:
         lo = g.const(node.input[1])
         if lo is None or lo.size != 1:
-            return False
+            return None
     if len(node.input) > 2 and node.input[2]:
         hi = g.const(node.input[2])
         if hi is None or hi.size != 1:
-            return False
+            return None
     lo = -np.inf if lo is None else float(np.asarray(lo).reshape(-1)[0])
     hi = np.inf if hi is None else float(np.asarray(hi).reshape(-1)[0])
-    return lo < 0 <= hi  # x >= 0 stays >= 0, x < 0 stays < 0 (clip(-0.0) is -0.0: sign +1 either way)
+    return lo, hi
+
+
+def _keeps_sign(g: _Graph, node: onnx.NodeProto) -> bool:
+    """A Clip with min < 0 <= max: x >= 0 stays >= 0 and x < 0 stays < 0 (clip(-0.0) is -0.0, +1)."""
+    bounds = _clip_bounds(g, node)
+    return bounds is not None and bounds[0] < 0 <= bounds[1]
 
 
 def drop_clips_before_binary(model: onnx.ModelProto) -> int:
@@ -424,15 +462,97 @@ def drop_clips_before_binary(model: onnx.ModelProto) -> int:
             continue
         out, x = node.output[0], node.input[0]
         users = g.consumers.get(out, [])
-        if out in g.outputs or not users or not all(
-                u.domain == DOMAIN and u.op_type in BINARY_OPS and list(u.input).index(out) == 0
-                and list(u.input).count(out) == 1 for u in users):
+        if out in g.outputs or not users or not all(_reads_as_x(u, out) for u in users):
             continue
         for user in users:
             user.input[0] = x
-        g.remove_node(node)
-        g.drop_value_info(out)
-        consts.update(node.input[1:])
+        _remove(g, node, out, consts)
         dropped += 1
     _prune_constants(model, {c for c in consts if c})
     return dropped
+
+
+# --- activations into the ops' output transform -----------------------------------------------------
+
+def _activation_of(g: _Graph, node: onnx.NodeProto) -> dict | None:
+    """The ``activation`` attributes (docs/ops.md) that compute ``node``: Relu, or Clip with constant
+    bounds min <= max; None for anything else."""
+    if node.domain in STANDARD and node.op_type == "Relu":
+        return {"activation": "relu"}
+    bounds = _clip_bounds(g, node)
+    if bounds is None or not bounds[0] <= bounds[1]:
+        return None
+    return {"activation": "clip", "activation_min": bounds[0], "activation_max": bounds[1]}
+
+
+def fuse_activations(model: onnx.ModelProto) -> int:
+    """Make each Relu / constant-bound Clip whose input is read by it alone and comes from an
+    ``ai.frugalrt`` node without an activation that node's ``activation``; the count. Exact: the op
+    applies the same ONNX function to the same float32 values (docs/ops.md, "Fused activation")."""
+    g = _Graph(model)
+    fused, consts = 0, set()
+    for node in list(model.graph.node):
+        if len(node.output) != 1 or not node.input:
+            continue
+        x = node.input[0]
+        producer = g.producer.get(x)
+        if producer is None or producer.domain != DOMAIN or _attr(producer, "activation", b"") not in (b"", "") \
+                or not g.only_consumer(x, node):
+            continue
+        attrs = _activation_of(g, node)
+        if attrs is None:
+            continue
+        for name, value in attrs.items():
+            _set_attr(producer, name, value)
+        producer.output[0] = node.output[0]
+        _remove(g, node, x, consts)
+        fused += 1
+    _prune_constants(model, {c for c in consts if c})
+    return fused
+
+
+# --- packed activations between binary ops ---------------------------------------------------------
+
+def _pack_value_info(g: _Graph, node: onnx.NodeProto) -> None:
+    """The declared type of ``node``'s output, if any, as its packed form: uint8, channels packed
+    last (docs/ops.md: Y [batch, ceil(N/8)] or [batch, OH, OW, ceil(O/8)])."""
+    for v in g.graph.value_info:
+        if v.name != node.output[0] or not v.type.HasField("tensor_type"):
+            continue
+        t = v.type.tensor_type
+        t.elem_type = onnx.TensorProto.UINT8
+        if not t.HasField("shape") or len(t.shape.dim) != (2 if node.op_type == "BinaryGemm" else 4):
+            t.ClearField("shape")
+            continue
+        dims = [onnx.TensorShapeProto.Dimension() for _ in t.shape.dim]
+        for new, old in zip(dims, [t.shape.dim[0], *t.shape.dim[2:], t.shape.dim[1]]):
+            new.CopyFrom(old)
+        channels = dims[-1]
+        if channels.HasField("dim_value"):
+            channels.dim_value = (channels.dim_value + 7) // 8
+        else:
+            channels.Clear()
+        del t.shape.dim[:]
+        t.shape.dim.extend(dims)
+
+
+def pack_between_binary(model: onnx.ModelProto) -> int:
+    """Make each ``BinaryGemm``/``BinaryConv`` whose output is read only as the ``X`` of other binary
+    ops (and is no graph output) emit its packed sign bits, which those ops then read (in place);
+    the count. Bit-identical: a consumer binarizes X anyway, and the bits are those of the float
+    result, activation included (docs/ops.md, "Packed activations")."""
+    g = _Graph(model)
+    packed = 0
+    for node in model.graph.node:
+        if not _is_binary(node) or len(node.output) != 1 or _attr(node, "output_packed", 0):
+            continue
+        y = node.output[0]
+        users = g.consumers.get(y, [])
+        if y in g.outputs or not users or not all(_reads_as_x(u, y) for u in users):
+            continue
+        _set_attr(node, "output_packed", 1)
+        for user in users:
+            _set_attr(user, "input_packed", 1)
+        _pack_value_info(g, node)
+        packed += 1
+    return packed

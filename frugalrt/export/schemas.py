@@ -59,15 +59,18 @@ def _inference(op_type: str, output_dims: Callable[[dict, dict], list]):
         attrs = spec_check.attributes(op_type, given)
         dims = {p.name: _dims(ctx.get_input_type(i))
                 for i, p in enumerate(schema.inputs) if i < ctx.get_num_inputs() and ctx.has_input(i)}
+        elem = _output_type(attrs)
         if spec_check.is_lenient():
             try:
-                _set_output(ctx, output_dims(attrs, dims))
+                _set_output(ctx, output_dims(attrs, dims), elem)
             except Exception:  # noqa: BLE001  (a node that check_model is about to report: Y stays unknown)
-                _set_output(ctx, None)
+                _set_output(ctx, None, elem)
             return
+        x_type = ctx.get_input_type(0)
+        dtypes = {"X": _DTYPES.get(x_type.tensor_type.elem_type)} if x_type is not None else {}
         spec_check.check_node(op_type, attrs, dims, node=_node_name(ctx),
-                              error=onnx.shape_inference.InferenceError)
-        _set_output(ctx, output_dims(attrs, dims))
+                              error=onnx.shape_inference.InferenceError, dtypes=dtypes)
+        _set_output(ctx, output_dims(attrs, dims), elem)
 
     return infer
 
@@ -86,27 +89,56 @@ def _butterfly_dims(attrs: dict, dims: dict) -> list:
     return [_batch(dims), int(attrs["out_features"])]
 
 
+def _packed_width(n):
+    """ceil(n / 8): the bytes of n packed signs (unknown stays unknown)."""
+    return (n + 7) // 8 if _known(n) else None
+
+
 def _binary_gemm_dims(attrs: dict, dims: dict) -> list:
-    return [_batch(dims), _rows(dims)]
+    n = _rows(dims)
+    return [_batch(dims), _packed_width(n) if attrs.get("output_packed") else n]
 
 
 def _binary_conv_dims(attrs: dict, dims: dict) -> list:
     x = dims.get("X")
     (kh, kw), (sh, sw), (pt, pl, pb, pr) = attrs["kernel_shape"], attrs["strides"], attrs["pads"]
-    oh = conv_output_size(x[2], kh, sh, pt, pb) if x and _known(x[2]) else None
-    ow = conv_output_size(x[3], kw, sw, pl, pr) if x and _known(x[3]) else None
-    return [_batch(dims), _rows(dims), oh, ow]
+    h, w = (1, 2) if attrs.get("input_packed") else (2, 3)  # packed X is [batch, H, W, ceil(C/8)]
+    oh = conv_output_size(x[h], kh, sh, pt, pb) if x and _known(x[h]) else None
+    ow = conv_output_size(x[w], kw, sw, pl, pr) if x and _known(x[w]) else None
+    o = _rows(dims)
+    return [_batch(dims), oh, ow, _packed_width(o)] if attrs.get("output_packed") else [_batch(dims), o, oh, ow]
 
 
-def _float(name: str, doc: str, optional: bool = False) -> OpSchema.FormalParameter:
-    return OpSchema.FormalParameter(name, "T", doc, param_option=_F.Optional if optional else _F.Single)
+def _output_type(attrs: dict) -> int:
+    return TensorProto.UINT8 if attrs.get("output_packed") else TensorProto.FLOAT
+
+
+def _float(name: str, doc: str, optional: bool = False, type_str: str = "T") -> OpSchema.FormalParameter:
+    return OpSchema.FormalParameter(name, type_str, doc, param_option=_F.Optional if optional else _F.Single)
 
 
 _PACKED = OpSchema.FormalParameter("W_packed", "tensor(uint8)",
                                    "sign bits, 1 = negative, little-endian bit order along K")
 _T = [("T", ["tensor(float)"], "float32 activations and parameters")]
+_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.UINT8: "uint8"}  # elem type -> dtype the spec check names
+# BinaryGemm/BinaryConv: X and Y are float32, or bit-packed signs (attributes input_packed,
+# output_packed; docs/ops.md, "Packed activations"); the spec check ties each to its attribute
+_T_BINARY = _T + [("T1", ["tensor(float)", "tensor(uint8)"], "X: float32, or uint8 packed signs (input_packed)"),
+                  ("T2", ["tensor(float)", "tensor(uint8)"], "Y: float32, or uint8 packed signs (output_packed)")]
 _Attr = OpSchema.Attribute
 _AT = OpSchema.AttrType
+
+# every op's fused activation (docs/ops.md, "Fused activation"), set by the compile-time rewrite;
+# no defaults, so that exported files carry none of them (absent = reference.ACTIVATION_DEFAULTS)
+_ACTIVATION = [_Attr("activation", _AT.STRING, "fused activation of Y: 'relu' or 'clip' (absent: none)",
+                     required=False),
+               _Attr("activation_min", _AT.FLOAT, "clip's lower bound (absent: -inf)", required=False),
+               _Attr("activation_max", _AT.FLOAT, "clip's upper bound (absent: inf)", required=False)]
+# the binary ops' packed activations (docs/ops.md), set by the compile-time rewrite; absent = 0
+_PACKING = [_Attr("input_packed", _AT.INT, "1: X holds packed sign bits (uint8), absent/0: float32",
+                  required=False),
+            _Attr("output_packed", _AT.INT, "1: Y holds the packed sign bits of the result (uint8), absent/0: "
+                  "float32", required=False)]
 
 SCHEMAS: dict[str, tuple[OpSchema, Callable]] = {
     "Butterfly": (OpSchema(
@@ -116,29 +148,31 @@ SCHEMAS: dict[str, tuple[OpSchema, Callable]] = {
                 _float("B", "[out_features] bias", optional=True)],
         outputs=[_float("Y", "[batch, out_features]")],
         type_constraints=_T,
-        attributes=[_Attr("out_features", _AT.INT, "output width (<= N)", required=True)],
+        attributes=[_Attr("out_features", _AT.INT, "output width (<= N)", required=True), *_ACTIVATION],
     ), _inference("Butterfly", _butterfly_dims)),
     "BinaryGemm": (OpSchema(
         "BinaryGemm", DOMAIN, VERSION,
         "Y = scale * (sign(X) . sign(W)^T) + B with bit-packed W: XNOR-popcount GEMM (docs/ops.md).",
-        inputs=[_float("X", "[batch, K]"), _PACKED, _float("scale", "[N]"),
-                _float("B", "[N] bias", optional=True)],
-        outputs=[_float("Y", "[batch, N]")],
-        type_constraints=_T,
-        attributes=[_Attr("in_features", _AT.INT, "K, the unpacked reduction length", required=True)],
+        inputs=[_float("X", "[batch, K] (packed: [batch, ceil(K/8)])", type_str="T1"), _PACKED,
+                _float("scale", "[N]"), _float("B", "[N] bias", optional=True)],
+        outputs=[_float("Y", "[batch, N] (packed: [batch, ceil(N/8)])", type_str="T2")],
+        type_constraints=_T_BINARY,
+        attributes=[_Attr("in_features", _AT.INT, "K, the unpacked reduction length", required=True), *_ACTIVATION,
+                    *_PACKING],
     ), _inference("BinaryGemm", _binary_gemm_dims)),
     "BinaryConv": (OpSchema(
         "BinaryConv", DOMAIN, VERSION,
         "NCHW convolution of sign(X) (zero padding contributes 0) with bit-packed sign(W), "
         "times a per-channel scale, plus B (docs/ops.md).",
-        inputs=[_float("X", "[batch, C, H, W]"), _PACKED, _float("scale", "[O]"),
-                _float("B", "[O] bias", optional=True)],
-        outputs=[_float("Y", "[batch, O, OH, OW]")],
-        type_constraints=_T,
+        inputs=[_float("X", "[batch, C, H, W] (packed: [batch, H, W, ceil(C/8)])", type_str="T1"), _PACKED,
+                _float("scale", "[O]"), _float("B", "[O] bias", optional=True)],
+        outputs=[_float("Y", "[batch, O, OH, OW] (packed: [batch, OH, OW, ceil(O/8)])", type_str="T2")],
+        type_constraints=_T_BINARY,
         attributes=[_Attr("in_channels", _AT.INT, "C", required=True),
                     _Attr("kernel_shape", _AT.INTS, "[kh, kw]", required=True),
                     _Attr("strides", helper.make_attribute("strides", [1, 1]), "[sh, sw]"),
-                    _Attr("pads", helper.make_attribute("pads", [0, 0, 0, 0]), "[top, left, bottom, right]")],
+                    _Attr("pads", helper.make_attribute("pads", [0, 0, 0, 0]), "[top, left, bottom, right]"),
+                    *_ACTIVATION, *_PACKING],
     ), _inference("BinaryConv", _binary_conv_dims)),
 }
 

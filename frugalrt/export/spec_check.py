@@ -6,7 +6,9 @@
 ``out_features`` and the input width; ``W_packed`` ``[rows, ceil(K/8)]`` uint8 vs ``in_features``
 or ``in_channels * kh * kw`` (pad bits 0); ``scale`` and ``B`` one value per output;
 ``kernel_shape``, ``strides``, ``pads`` (lengths, signs) and an output of at least 1x1; the input's
-width or channels; finite parameters. A violation raises ``error`` with one line, e.g.::
+width or channels; the binary ops' ``input_packed``/``output_packed`` (0 or 1; a packed X is uint8,
+``[batch, ceil(K/8)]`` or ``[batch, H, W, ceil(C/8)]``); finite parameters. A violation raises
+``error`` with one line, e.g.::
 
     node node_binary_gemm (BinaryGemm): input scale has 3 values, expected 4 (one per output row of W_packed)
 
@@ -70,12 +72,15 @@ def _butterfly(attrs: Mapping, shapes: Mapping, values: Mapping) -> None:
 
 def _binary_gemm(attrs: Mapping, shapes: Mapping, values: Mapping) -> None:
     k = _int_attr(attrs, "in_features")
+    packed = _flag(attrs, "input_packed")
+    width, why = ((k + 7) // 8, f"ceil(K / 8) bytes of packed signs, in_features = {k}, input_packed = 1") \
+        if packed else (k, "attribute in_features")
     x = shapes.get("X")
     if x is not None:
         if len(x) != 2:
-            raise _Mismatch(f"input X has shape {_fmt(x)}, expected [batch, {k}] (rank 2, in_features = {k})")
-        if x[1] is not None and x[1] != k:
-            raise _Mismatch(f"input X has width {x[1]}, expected {k} (attribute in_features)")
+            raise _Mismatch(f"input X has shape {_fmt(x)}, expected [batch, {width}] (rank 2, {why})")
+        if x[1] is not None and x[1] != width:
+            raise _Mismatch(f"input X has width {x[1]}, expected {width} ({why})")
     rows = _packed(shapes.get("W_packed"), values.get("W_packed"), k, f"K = in_features = {k}", "N")
     _per_output("scale", shapes.get("scale"), rows, "one per output row of W_packed")
     _per_output("B", shapes.get("B"), rows, "one per output row of W_packed")
@@ -86,16 +91,23 @@ def _binary_conv(attrs: Mapping, shapes: Mapping, values: Mapping) -> None:
     kh, kw = _ints_attr(attrs, "kernel_shape", 2, 1, "[kh, kw]")
     strides = _ints_attr(attrs, "strides", 2, 1, "[sh, sw]")
     pads = _ints_attr(attrs, "pads", 4, 0, "[top, left, bottom, right]")
+    packed = _flag(attrs, "input_packed")
     x = shapes.get("X")
     if x is not None:
+        # packed X: [batch, H, W, ceil(C/8)], each pixel's channel signs packed
+        ch, h, w = (3, 1, 2) if packed else (1, 2, 3)
+        width = (c + 7) // 8 if packed else c
+        layout = f"[batch, H, W, {width}] (packed signs, in_channels = {c}, input_packed = 1)" if packed \
+            else f"[batch, {c}, H, W] (NCHW, in_channels = {c})"
         if len(x) != 4:
-            raise _Mismatch(f"input X has shape {_fmt(x)}, expected [batch, {c}, H, W] (NCHW, in_channels = {c})")
-        if x[1] is not None and x[1] != c:
-            raise _Mismatch(f"input X has {x[1]} channels, expected {c} (attribute in_channels)")
-        oh = None if x[2] is None else conv_output_size(x[2], kh, strides[0], pads[0], pads[2])
-        ow = None if x[3] is None else conv_output_size(x[3], kw, strides[1], pads[1], pads[3])
+            raise _Mismatch(f"input X has shape {_fmt(x)}, expected {layout}")
+        if x[ch] is not None and x[ch] != width:
+            raise _Mismatch(f"input X has shape {_fmt(x)}, expected {layout}" if packed
+                            else f"input X has {x[1]} channels, expected {c} (attribute in_channels)")
+        oh = None if x[h] is None else conv_output_size(x[h], kh, strides[0], pads[0], pads[2])
+        ow = None if x[w] is None else conv_output_size(x[w], kw, strides[1], pads[1], pads[3])
         if min(d for d in (oh, ow, 1) if d is not None) < 1:
-            raise _Mismatch(f"output {_d(oh)}x{_d(ow)} for input {_d(x[2])}x{_d(x[3])} with kernel_shape "
+            raise _Mismatch(f"output {_d(oh)}x{_d(ow)} for input {_d(x[h])}x{_d(x[w])} with kernel_shape "
                             f"[{kh}, {kw}], strides {list(strides)}, pads {list(pads)}, expected at least 1x1")
     kdim = c * kh * kw
     rows = _packed(shapes.get("W_packed"), values.get("W_packed"), kdim,
@@ -106,6 +118,30 @@ def _binary_conv(attrs: Mapping, shapes: Mapping, values: Mapping) -> None:
 
 RULES: dict[str, Callable[[Mapping, Mapping, Mapping], None]] = {
     "Butterfly": _butterfly, "BinaryGemm": _binary_gemm, "BinaryConv": _binary_conv}
+PACKABLE = ("BinaryGemm", "BinaryConv")  # the ops with input_packed / output_packed
+
+
+def _flag(attrs: Mapping, name: str) -> bool:
+    """A 0/1 attribute (absent: 0): input_packed, output_packed."""
+    value = attrs.get(name, 0)
+    if not _is_int(value) or value not in (0, 1):
+        raise _Mismatch(f"attribute {name} is {_show(value)}, expected 0 or 1")
+    return bool(value)
+
+
+def _packing(op_type: str, attrs: Mapping, dtype: Optional[str]) -> None:
+    """The binary ops' packing flags, and X's dtype where known: float32, or uint8 packed signs
+    where ``input_packed = 1`` (docs/ops.md, "Packed activations")."""
+    if op_type not in PACKABLE:
+        return
+    packed = _flag(attrs, "input_packed")
+    _flag(attrs, "output_packed")
+    if dtype is None:
+        return
+    want = "uint8" if packed else "float32"
+    if str(dtype) != want:
+        why = "packed signs, attribute input_packed = 1" if want == "uint8" else "input_packed absent or 0"
+        raise _Mismatch(f"input X has dtype {dtype}, expected {want} ({why})")
 
 
 def _int_attr(attrs: Mapping, name: str, minimum: int = 1) -> int:
@@ -161,7 +197,7 @@ def _per_output(name: str, dims, n: Optional[int], why: str) -> None:
 
 def check_node(op_type: str, attrs: Mapping[str, Any], inputs: Mapping[str, Input], *, node: Optional[str] = None,
                error: type[Exception] = FrugalError, initializers: Mapping[str, str] | None = None,
-               finite: bool = True) -> None:
+               finite: bool = True, dtypes: Mapping[str, str] | None = None) -> None:
     """Check one ``ai.frugalrt`` node against docs/ops.md; raise ``error`` with one line on a mismatch:
     ``node NAME (OP): <what is wrong, expected and found>`` (``OP: ...`` if ``node`` is None).
 
@@ -169,16 +205,19 @@ def check_node(op_type: str, attrs: Mapping[str, Any], inputs: Mapping[str, Inpu
     ``inputs``: schema input name -> constant value (numpy: shape and values are checked), dims
     (shape only) or None (absent or unknown). ``initializers`` maps an input to the initializer
     that holds it, for messages about values. ``finite``: constant twiddles, scale and B must be
-    finite (no NaN, no Inf). An op that does not exist raises :class:`UnsupportedOpError`.
+    finite (no NaN, no Inf). ``dtypes``: the element types (numpy names) of inputs given by dims,
+    where known (X must be uint8 exactly when ``input_packed``). An op that does not exist raises
+    :class:`UnsupportedOpError`.
     """
-    problem = node_problem(op_type, attrs, inputs, initializers=initializers, finite=finite, node=node)
+    problem = node_problem(op_type, attrs, inputs, initializers=initializers, finite=finite, node=node,
+                           dtypes=dtypes)
     if problem:
         raise error(f"node {node} ({op_type}): {problem}" if node else f"{op_type}: {problem}")
 
 
 def node_problem(op_type: str, attrs: Mapping[str, Any], inputs: Mapping[str, Input], *,
                  initializers: Mapping[str, str] | None = None, finite: bool = True,
-                 node: Optional[str] = None) -> Optional[str]:
+                 node: Optional[str] = None, dtypes: Mapping[str, str] | None = None) -> Optional[str]:
     """What :func:`check_node` would report after ``node NAME (OP): ``, or None if the node is fine."""
     rule = RULES.get(op_type)
     if rule is None:
@@ -186,8 +225,11 @@ def node_problem(op_type: str, attrs: Mapping[str, Any], inputs: Mapping[str, In
         raise UnsupportedOpError(f"{label}: unknown op {DOMAIN}::{op_type}; {DOMAIN} has " + ", ".join(RULES))
     values = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray)}
     shapes = {k: _dims(v) for k, v in inputs.items()}
+    x = inputs.get("X")
     try:
+        _packing(op_type, attrs, x.dtype if isinstance(x, np.ndarray) else (dtypes or {}).get("X"))
         rule(attrs, shapes, values)
+        _check_activation(attrs)
         for name in PARAMETERS if finite else ():
             bad = nonfinite(values.get(name))
             if bad:
@@ -196,6 +238,18 @@ def node_problem(op_type: str, attrs: Mapping[str, Any], inputs: Mapping[str, In
     except _Mismatch as e:
         return str(e)
     return None
+
+
+def _check_activation(attrs: Mapping[str, Any]) -> None:
+    """The fused activation every op may carry (docs/ops.md, "Fused activation")."""
+    from frugalrt.runtime.reference import ACTIVATIONS
+
+    act = attrs.get("activation", "")
+    if act not in ACTIVATIONS:
+        raise _Mismatch(f"attribute activation is {act!r}, expected one of {', '.join(repr(a) for a in ACTIVATIONS)}")
+    lo, hi = attrs.get("activation_min", -np.inf), attrs.get("activation_max", np.inf)
+    if act == "clip" and not lo <= hi:  # NaN bounds fail too
+        raise _Mismatch(f"attributes activation_min {lo} and activation_max {hi}: expected min <= max")
 
 
 def attributes(op_type: str, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -239,6 +293,7 @@ def check_model(model: onnx.ModelProto, error: type[Exception] = ArtifactError, 
     graph = model.graph
     consts = _constants(graph)
     graph_inputs = {v.name for v in graph.input} - set(consts)
+    types = _declared_types(graph)
     shapes: dict[str, list] | None = None
     checked = set()
     for index, node in enumerate(graph.node):
@@ -272,8 +327,11 @@ def check_model(model: onnx.ModelProto, error: type[Exception] = ArtifactError, 
                     shapes = value_shapes(model)
                 inputs[param.name] = shapes.get(value)
         given = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        check_node(node.op_type, attributes(node.op_type, given), inputs, node=label, error=error,
-                   initializers=held, finite=finite)
+        attrs = attributes(node.op_type, given)
+        check_node(node.op_type, attrs, inputs, node=label, error=error, initializers=held, finite=finite,
+                   dtypes={"X": types.get(node.input[0])} if node.input else None)
+        if node.output:
+            types[node.output[0]] = "uint8" if attrs.get("output_packed") else "float32"
     if finite:
         for name, tensor in consts.items():
             if name not in checked and tensor.data_type in _FLOAT_TYPES:
@@ -284,6 +342,16 @@ def check_model(model: onnx.ModelProto, error: type[Exception] = ArtifactError, 
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}
+
+
+def _declared_types(graph: onnx.GraphProto) -> dict[str, str]:
+    """Element types (numpy names) of the values the graph declares (inputs, value_info, outputs)."""
+    types = {}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        elem = v.type.tensor_type.elem_type if v.type.HasField("tensor_type") else 0
+        if elem:
+            types[v.name] = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
+    return types
 
 
 def _schema(op_type: str) -> defs.OpSchema:

@@ -1,4 +1,5 @@
-"""Device registry: where an artifact runs, by URI scheme (``local``, ``rpc://h:p``, ``qemu:BOARD``...).
+"""Device registry: where an artifact runs, by URI scheme (``local``, ``rpc://h:p``, ``qemu:BOARD``,
+``adb://SERIAL``, ``ssh://user@host:port``...).
 
 An opener ``opener(artifact, device) -> Session`` is registered per scheme; a Session is callable,
 ``session(*inputs) -> list[np.ndarray]``, and has ``.close()``. ``local`` is built in; the other
@@ -29,9 +30,12 @@ OPENERS: dict[str, Opener] = {}
 # scheme -> module that registers it (imported lazily: they pull in TVM RPC, qemu helpers, ...)
 PROVIDERS: dict[str, str] = {
     "local": "frugalrt.runtime.loader",
+    "cuda": "frugalrt.runtime.cuda_device",  # cuda or cuda:N: this machine's NVIDIA GPU
     "rpc": "frugalrt.runtime.remote",
     "tracker": "frugalrt.runtime.remote",
     "qemu": "frugalrt.targets.cbundle.run",
+    "adb": "frugalrt.runtime.runner_device",  # the artifact's static runner, pushed and run over adb or ssh
+    "ssh": "frugalrt.runtime.runner_device",
 }
 
 
@@ -51,5 +55,5 @@ def open_device(artifact: Artifact, device: str = "local") -> Session:
     if scheme not in OPENERS:
         raise DeviceError(f"unknown device {device!r} (scheme {scheme!r}); available schemes: "
                           f"{', '.join(sorted(OPENERS) or ['local'])} (e.g. local, rpc://HOST:PORT, "
-                          "tracker://HOST:PORT/KEY, qemu:mps2-an386)")
+                          "tracker://HOST:PORT/KEY, qemu:mps2-an386, adb://SERIAL, ssh://USER@HOST:PORT, cuda, cuda:N)")
     return OPENERS[scheme](artifact, device)

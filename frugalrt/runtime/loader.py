@@ -9,8 +9,10 @@ they emulate, while their /proc/cpuinfo is the host's), intersected with /proc/c
 kernel has one (it drops what the OS does not enable).
 
 The local session keeps the hot path lean (:class:`LocalSession`): per call, a dictionary lookup
-by input shapes, a copy into a buffer allocated once per shape (large aligned inputs go
-through DLPack without a copy), the VM call, and DLPack views of the outputs.
+by input shapes, a copy into a buffer allocated once per shape, then either the artifact's static
+plan (its kernels called in order on tensors allocated once per shape, outputs copied out:
+``frugalrt.runtime.plan``) or, for an artifact without one, the VM call (large aligned inputs go
+through DLPack without a copy) and DLPack views of the outputs.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 from frugalrt.errors import ArtifactError, DeviceError
 from frugalrt.runtime.artifact import Artifact
 from frugalrt.runtime.devices import Session, open_device, register_device
+from frugalrt.runtime.plan import StaticPlan
 from frugalrt.targets.registry import X86_FEATURES, X86_LEVELS, is_x86_triple
 
 # shared libraries this x86-64 machine can load (if its CPU has what they were compiled for)
@@ -169,10 +172,11 @@ class LocalSession:
     against its ``batch_bound``, the largest the statically planned ``main`` takes), an aligned TVM
     buffer and a numpy view of it are allocated per input, and two calls tell whether each call
     allocates its outputs afresh (else, e.g. an output that is an input, outputs are copied).
-    Per call: each input is copied into its buffer (``view[...] = x``; inputs of ``ZERO_COPY_BYTES``
-    or more that are C-contiguous and 64-byte aligned are passed through DLPack, without a copy),
-    ``main`` runs, and the outputs come back as numpy views of the VM's output tensors
-    (``np.from_dlpack``, no copy).
+    Per call: each input is copied into its buffer (``view[...] = x``). With the artifact's static
+    plan (manifest ``plan``), the plan's kernels then run on tensors bound once per shape and the
+    outputs are copied out. Without one, inputs of ``ZERO_COPY_BYTES`` or more that are
+    C-contiguous and 64-byte aligned are passed through DLPack without a copy, ``main`` runs on the
+    VM, and the outputs come back as numpy views of the VM's output tensors (``np.from_dlpack``).
     """
 
     ZERO_COPY_BYTES = 1 << 16  # below this, copying (~0.5 us) beats checking the alignment
@@ -191,7 +195,10 @@ class LocalSession:
         from tvm import relax
 
         try:
-            self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(artifact.lib_path)), tvm.cpu())
+            module = tvm.runtime.load_module(str(artifact.lib_path))
+            self.vm = relax.VirtualMachine(module, tvm.cpu())
+            plan = artifact.manifest.get("plan")
+            self.static_plan = StaticPlan(module, self.vm, plan) if plan else None
         except Exception as e:  # noqa: BLE001  (TVM raises its own error types for a corrupt library)
             raise ArtifactError(f"{artifact.lib_path}: cannot load ({e}); recompile the artifact") from e
         self._main = self.vm["main"]
@@ -210,6 +217,10 @@ class LocalSession:
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(key, inputs)
+        if plan.run is not None:
+            for view, x in zip(plan.views, inputs):
+                view[...] = x
+            return plan.run()
         if plan.small:  # every input is copied (dtype and shape are the key's: no conversion)
             for view, x in zip(plan.views, inputs):
                 view[...] = x
@@ -240,6 +251,9 @@ class LocalSession:
                                 "(0: no bound, dynamic allocation)")
         buffers = [self._tvm.runtime.empty(shape, str(dtype)) for shape, dtype in key]
         views = [np.from_dlpack(b) for b in buffers]
+        if self.static_plan is not None:
+            plan = self._plans[key] = _CallPlan(buffers, views, True, False, True, self.static_plan.bind(buffers, batch))
+            return plan
         for view, x in zip(views, inputs):
             view[...] = x
         first, second = self._main(*buffers), self._main(*buffers)
@@ -262,6 +276,7 @@ class _CallPlan(NamedTuple):
     small: bool  # every input under ZERO_COPY_BYTES: always copied
     tuple_output: bool
     copy: bool  # outputs alias memory that outlives the call: copy them out
+    run: Any = None  # the static plan bound to ``buffers`` (then the VM is not called)
 
 
 def _open_local(artifact: Artifact, device: str) -> Session:

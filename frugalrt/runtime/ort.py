@@ -2,8 +2,11 @@
 
 onnxruntime-extensions Python ops have a fixed input count and only int/float/string attributes,
 so the session runs a rewritten copy of the model: a node without the optional bias becomes the
-``<Op>NoBias`` variant, and int-list attributes (BinaryConv's ``kernel_shape``, ``strides``,
-``pads``, schema defaults filled in) become JSON strings. These ops serve validation, not speed.
+``<Op>NoBias`` variant, a binary op with packed activations (uint8 X or Y: ``input_packed``,
+``output_packed``) the ``<Op>PackedIn`` / ``PackedOut`` / ``PackedInPackedOut`` variant (suffixes
+in that order, e.g. ``BinaryGemmPackedOutNoBias``; the variant carries those flags), and int-list
+and string attributes (BinaryConv's ``kernel_shape``, ``strides``, ``pads``, every op's
+``activation``; schema defaults filled in) become JSON strings. These ops serve validation, not speed.
 
 A malformed model never reaches ONNX Runtime: :func:`make_session` checks every ``ai.frugalrt``
 node against its spec first (:func:`frugalrt.export.spec_check.check_model`). An exception that
@@ -28,17 +31,20 @@ from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
 from frugalrt.errors import ArtifactError
 from frugalrt.export import schemas, spec_check
-from frugalrt.runtime.reference import DOMAIN, get_reference
+from frugalrt.runtime.reference import ACTIVATION_DEFAULTS, DOMAIN, get_reference
 
 ModelOrPath = Union[onnx.ModelProto, str, os.PathLike]
 _F, _U8, _I, _S = PyCustomOpDef.dt_float, PyCustomOpDef.dt_uint8, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_string
 # op type -> (input types without the bias, attribute types)
+_ACTIVATION = {"activation": _S, "activation_min": _F, "activation_max": _F}  # every op's fused activation
 _SIGNATURES = {
-    "Butterfly": ([_F, _F], {"out_features": _I}),
-    "BinaryGemm": ([_F, _U8, _F], {"in_features": _I}),
-    "BinaryConv": ([_F, _U8, _F], {"in_channels": _I, "kernel_shape": _S, "strides": _S, "pads": _S}),
+    "Butterfly": ([_F, _F], {"out_features": _I, **_ACTIVATION}),
+    "BinaryGemm": ([_F, _U8, _F], {"in_features": _I, **_ACTIVATION}),
+    "BinaryConv": ([_F, _U8, _F], {"in_channels": _I, "kernel_shape": _S, "strides": _S, "pads": _S, **_ACTIVATION}),
 }
 NO_BIAS = "NoBias"
+PACKED_IN, PACKED_OUT = "PackedIn", "PackedOut"
+_VARIANTS: dict[str, str] = {}  # custom op type of every declared variant -> the ai.frugalrt op it runs
 _FAILED = threading.local()  # .errors: [_Failure] the custom ops hit in the current run() on this thread
 
 
@@ -49,18 +55,29 @@ class _Failure(NamedTuple):
     problem: str
 
 
-def _declare(op_type: str, with_bias: bool) -> None:
+def _variant(op_type: str, with_bias: bool, input_packed: bool = False, output_packed: bool = False) -> str:
+    """Custom op type of ``op_type`` with these input/output types and inputs (module docstring)."""
+    return (op_type + (PACKED_IN if input_packed else "") + (PACKED_OUT if output_packed else "")
+            + ("" if with_bias else NO_BIAS))
+
+
+def _declare(op_type: str, with_bias: bool, input_packed: bool = False, output_packed: bool = False) -> None:
     inputs, attrs = _SIGNATURES[op_type]
+    inputs = [_U8 if input_packed else _F, *inputs[1:]]
+    out = (_U8, np.uint8) if output_packed else (_F, np.float32)
     kernel = get_reference(op_type)
     names = [p.name for p in schemas.SCHEMAS[op_type][0].inputs][:len(inputs) + with_bias]
+    # the variant carries the packing flags (they are not attributes of the session's node)
+    flags = {"input_packed": int(input_packed), "output_packed": int(output_packed)} \
+        if op_type in spec_check.PACKABLE else {}
 
     def body(*arrays, **attributes):
         kwargs = {}
         try:
             kwargs = {k: json.loads(v) if attrs[k] == _S else v for k, v in attributes.items()}
-            problem = spec_check.node_problem(op_type, kwargs, dict(zip(names, arrays)))
+            problem = spec_check.node_problem(op_type, {**kwargs, **flags}, dict(zip(names, arrays)))
             if problem is None:
-                return kernel(*arrays, *(() if with_bias else (None,)), **kwargs)
+                return kernel(*arrays, *(() if with_bias else (None,)), **kwargs, **flags)
         except Exception as e:  # noqa: BLE001  (raising here would abort the process: see the module docstring)
             text = str(e).strip()
             problem = f"the reference kernel fails: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
@@ -68,15 +85,24 @@ def _declare(op_type: str, with_bias: bool) -> None:
         if getattr(_FAILED, "errors", None) is None:
             _FAILED.errors = []
         _FAILED.errors.append(failure)
-        return np.zeros(0, np.float32)
+        return np.zeros(0, out[1])
 
-    onnx_op(op_type=f"{DOMAIN}::{op_type}{'' if with_bias else NO_BIAS}",
-            inputs=inputs + ([_F] if with_bias else []), outputs=[_F], attrs=attrs)(body)
+    name = _variant(op_type, with_bias, input_packed, output_packed)
+    _VARIANTS[name] = op_type
+    onnx_op(op_type=f"{DOMAIN}::{name}", inputs=inputs + ([_F] if with_bias else []), outputs=[out[0]],
+            attrs=attrs)(body)
 
 
-for _op in _SIGNATURES:
-    for _with_bias in (True, False):
-        _declare(_op, _with_bias)
+def _declare_all() -> None:
+    for op_type in _SIGNATURES:
+        packable = op_type in spec_check.PACKABLE
+        packings = [(i, o) for i in (False, True) for o in (False, True)] if packable else [(False, False)]
+        for with_bias in (True, False):
+            for packing in packings:
+                _declare(op_type, with_bias, *packing)
+
+
+_declare_all()
 
 
 def session_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -88,15 +114,21 @@ def session_model(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type not in _SIGNATURES:
             raise onnx.checker.ValidationError(f"ONNX Runtime check: no custom op for {DOMAIN}::{node.op_type}")
         inputs, attr_types = _SIGNATURES[node.op_type]
-        if len(node.input) <= len(inputs) or not node.input[len(inputs)]:
-            del node.input[len(inputs):]
-            node.op_type += NO_BIAS
-        schema = defs.get_schema(node.op_type.removesuffix(NO_BIAS), schemas.VERSION, DOMAIN)
+        schema = defs.get_schema(node.op_type, schemas.VERSION, DOMAIN)
         given = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        with_bias = len(node.input) > len(inputs) and bool(node.input[len(inputs)])
+        del node.input[len(inputs) + with_bias:]
+        node.op_type = _variant(node.op_type, with_bias, bool(given.get("input_packed")),
+                                bool(given.get("output_packed")))
         del node.attribute[:]
         for name, kind in attr_types.items():
-            value = given.get(name, helper.get_attribute_value(schema.attributes[name].default_value))
-            node.attribute.append(helper.make_attribute(name, json.dumps(list(value)) if kind == _S else value))
+            value = given.get(name, ACTIVATION_DEFAULTS.get(name))
+            if value is None:
+                value = helper.get_attribute_value(schema.attributes[name].default_value)
+            if kind == _S:  # int lists and strings travel as JSON
+                value = value.decode() if isinstance(value, bytes) else value
+                value = json.dumps(value if isinstance(value, str) else list(value))
+            node.attribute.append(helper.make_attribute(name, value))
     return model
 
 
@@ -136,7 +168,7 @@ def _frugal_nodes(model: onnx.ModelProto) -> list:
         if node.domain == DOMAIN:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             attrs = {k: json.loads(v) if isinstance(v, bytes) else v for k, v in attrs.items()}
-            nodes.append((node.name or f"#{index}", node.op_type.removesuffix(NO_BIAS), attrs,
+            nodes.append((node.name or f"#{index}", _VARIANTS[node.op_type], attrs,
                           tuple(dims.get(name) for name in node.input[1:])))
     return nodes
 
@@ -165,6 +197,9 @@ def make_session(model_or_path: ModelOrPath) -> Session:
 def run(model_or_path: ModelOrPath | ort.InferenceSession, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Outputs of the model on ``inputs`` (graph inputs in order)."""
     session = model_or_path if isinstance(model_or_path, ort.InferenceSession) else make_session(model_or_path)
-    names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: np.asarray(x, dtype=np.float32) for n, x in zip(names, inputs)})
+    feeds = {i.name: np.asarray(x, dtype=_NUMPY.get(i.type, np.float32)) for i, x in zip(session.get_inputs(), inputs)}
+    return session.run(None, feeds)
+
+
+_NUMPY = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8}  # graph input types run() feeds
 

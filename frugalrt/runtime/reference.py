@@ -67,6 +67,22 @@ def popcount(words: np.ndarray) -> np.ndarray:
 # Ops
 # ---------------------------------------------------------------------------------------------
 
+ACTIVATIONS = ("", "relu", "clip")  # the fused activations (attribute ``activation``; "" = none)
+ACTIVATION_DEFAULTS = {"activation": "", "activation_min": -np.inf, "activation_max": np.inf}  # when absent
+
+
+def activate(y: np.ndarray, activation: str = "", activation_min: float = -np.inf,
+             activation_max: float = np.inf) -> np.ndarray:
+    """The fused activation of every op's output (docs/ops.md): ONNX Relu, or ONNX Clip with bounds."""
+    if activation == "relu":
+        return np.maximum(y, np.float32(0))
+    if activation == "clip":
+        return np.minimum(np.maximum(y, np.float32(activation_min)), np.float32(activation_max))
+    if activation:
+        raise ValueError(f"unknown activation {activation!r}; known: {', '.join(a for a in ACTIVATIONS if a)}")
+    return y
+
+
 def butterfly_stages(n: int) -> int:
     if n < 2 or n & (n - 1):
         raise ValueError(f"butterfly size N must be a power of two >= 2, got {n}")
@@ -75,7 +91,7 @@ def butterfly_stages(n: int) -> int:
 
 @reference("Butterfly")
 def butterfly(x: np.ndarray, twiddles: np.ndarray, bias: Optional[np.ndarray] = None, *,
-              out_features: int) -> np.ndarray:
+              out_features: int, **activation) -> np.ndarray:
     """Y = truncate(B_{L-1} ... B_0 pad(X)) + bias, stage s mixing pairs (i, i + 2^s).
 
     X: [batch, in_features]; twiddles: [L, N/2, 2, 2] with N = 2^L >= in_features, out_features.
@@ -106,34 +122,39 @@ def butterfly(x: np.ndarray, twiddles: np.ndarray, bias: Optional[np.ndarray] = 
     y = y[:, :out_features]
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float32)
-    return np.ascontiguousarray(y, dtype=np.float32)
+    return np.ascontiguousarray(activate(y.astype(np.float32), **activation), dtype=np.float32)
 
 
-def _binary_output(counts: np.ndarray, scale: np.ndarray, bias: Optional[np.ndarray]) -> np.ndarray:
-    """Fused output transform shared by the binary ops: integer sum * scale (+ bias), in float32."""
+def _binary_output(counts: np.ndarray, scale: np.ndarray, bias: Optional[np.ndarray], activation: dict) -> np.ndarray:
+    """Fused output transform shared by the binary ops: integer sum * scale (+ bias), in float32,
+    then the fused activation."""
     y = counts.astype(np.float32) * np.asarray(scale, dtype=np.float32)
     if bias is not None:
         y = y + np.asarray(bias, dtype=np.float32)
-    return y.astype(np.float32)
+    return activate(y.astype(np.float32), **activation)
 
 
 @reference("BinaryGemm")
 def binary_gemm(x: np.ndarray, w_packed: np.ndarray, scale: np.ndarray,
-                bias: Optional[np.ndarray] = None, *, in_features: int) -> np.ndarray:
+                bias: Optional[np.ndarray] = None, *, in_features: int, input_packed: int = 0,
+                output_packed: int = 0, **activation) -> np.ndarray:
     """Y[b, n] = scale[n] * sum_k sign(X[b, k]) sign(W[n, k]) + bias[n]  (XNOR-popcount GEMM).
 
-    X: [batch, K] float32; w_packed: [N, ceil(K/8)] uint8 (bit layout above); scale, bias: [N].
+    X: [batch, K] float32, or (``input_packed``) its signs packed, [batch, ceil(K/8)] uint8;
+    w_packed: [N, ceil(K/8)] uint8 (bit layout above); scale, bias: [N]. Y: [batch, N] float32, or
+    (``output_packed``) [batch, ceil(N/8)] uint8 sign bits of that float result.
     Equivalently sum_k ... = K - 2 * popcount(xbits XOR wbits) over the K real bits.
     """
-    x = np.asarray(x, dtype=np.float32)
     k = int(in_features)
-    if x.ndim != 2 or x.shape[1] != k:
-        raise ValueError(f"BinaryGemm: X must be [batch, {k}], got shape {x.shape}")
+    width = (k + 7) // 8 if input_packed else k
+    if np.ndim(x) != 2 or np.shape(x)[1] != width:
+        raise ValueError(f"BinaryGemm: X must be [batch, {width}], got shape {np.shape(x)}")
     if w_packed.ndim != 2 or w_packed.shape[1] != (k + 7) // 8:
         raise ValueError(f"BinaryGemm: packed weights must be [N, {(k + 7) // 8}], got {w_packed.shape}")
-    xs = sign(x).astype(np.int32)
+    xs = unpack_signs(x, k) if input_packed else sign(np.asarray(x, dtype=np.float32))
     ws = unpack_signs(w_packed, k).astype(np.int32)
-    return _binary_output(xs @ ws.T, scale, bias)
+    y = _binary_output(xs.astype(np.int32) @ ws.T, scale, bias, activation)
+    return pack_bits(y) if output_packed else y
 
 
 def conv_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int) -> int:
@@ -143,33 +164,42 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_en
 @reference("BinaryConv")
 def binary_conv(x: np.ndarray, w_packed: np.ndarray, scale: np.ndarray,
                 bias: Optional[np.ndarray] = None, *, in_channels: int, kernel_shape: Sequence[int],
-                strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0)) -> np.ndarray:
+                strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0), input_packed: int = 0,
+                output_packed: int = 0, **activation) -> np.ndarray:
     """2-D binary convolution (NCHW): sign(X) zero-padded, correlated with sign(W), times scale.
 
     w_packed: [O, ceil(C*kh*kw/8)] uint8 packing W[o] flattened in (c, i, j) order.
     pads: [top, left, bottom, right]. A padded position contributes 0 (it is neither +1 nor -1),
     exactly like ``conv2d(sign(x), sign(w), padding)`` in PyTorch.
+    ``input_packed``: X is [batch, H, W, ceil(C/8)] uint8, each pixel's channel signs packed;
+    ``output_packed``: Y is [batch, OH, OW, ceil(O/8)] uint8, the sign bits of the float result.
     """
-    x = np.asarray(x, dtype=np.float32)
     kh, kw = (int(v) for v in kernel_shape)
     sh, sw = (int(v) for v in strides)
     pt, pl, pb, pr = (int(v) for v in pads)
-    if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"BinaryConv: X must be [batch, {in_channels}, H, W], got shape {x.shape}")
-    kdim = in_channels * kh * kw
+    c = int(in_channels)
+    if input_packed:
+        if np.ndim(x) != 4 or np.shape(x)[3] != (c + 7) // 8:
+            raise ValueError(f"BinaryConv: packed X must be [batch, H, W, {(c + 7) // 8}], got shape {np.shape(x)}")
+        signs = unpack_signs(x, c).transpose(0, 3, 1, 2)
+    else:
+        if np.ndim(x) != 4 or np.shape(x)[1] != c:
+            raise ValueError(f"BinaryConv: X must be [batch, {c}, H, W], got shape {np.shape(x)}")
+        signs = sign(np.asarray(x, dtype=np.float32))
+    kdim = c * kh * kw
     if w_packed.ndim != 2 or w_packed.shape[1] != (kdim + 7) // 8:
         raise ValueError(f"BinaryConv: packed weights must be [O, {(kdim + 7) // 8}], got {w_packed.shape}")
-    b, c, h, w = x.shape
+    b, _, h, w = signs.shape
     oh, ow = conv_output_size(h, kh, sh, pt, pb), conv_output_size(w, kw, sw, pl, pr)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"BinaryConv: empty output {oh}x{ow} for input {h}x{w}, kernel {kh}x{kw}")
     xs = np.zeros((b, c, h + pt + pb, w + pl + pr), dtype=np.int32)
-    xs[:, :, pt:pt + h, pl:pl + w] = sign(x)
+    xs[:, :, pt:pt + h, pl:pl + w] = signs
     cols = np.empty((b, oh, ow, c, kh, kw), dtype=np.int32)
     for i in range(kh):
         for j in range(kw):
             cols[:, :, :, :, i, j] = xs[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw].transpose(0, 2, 3, 1)
     ws = unpack_signs(w_packed, kdim).astype(np.int32)  # [O, kdim]
     counts = cols.reshape(b, oh, ow, kdim) @ ws.T  # [b, oh, ow, O]
-    y = _binary_output(counts, scale, bias)
-    return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+    y = _binary_output(counts, scale, bias, activation)  # channels last: the packed layout
+    return pack_bits(y) if output_packed else np.ascontiguousarray(y.transpose(0, 3, 1, 2))

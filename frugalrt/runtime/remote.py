@@ -203,9 +203,9 @@ class RemoteSession:
     """A compiled artifact's Relax VM loaded on a remote device; call it with numpy arrays."""
 
     def __init__(self, artifact: Artifact, device: str):
-        if artifact.kind != "shared-lib":
+        if artifact.kind not in ("shared-lib", "cuda-lib"):
             raise DeviceError(f"{artifact.path}: a {artifact.kind} artifact cannot run over RPC; "
-                              "compile for a shared-lib target such as rpi4")
+                              "compile for a shared-lib target such as rpi4 (or cuda, jetson-orin)")
         artifact.verify()  # never upload a corrupt or modified library
         self.artifact = artifact
         self.address = addr = DeviceAddress.parse(device)
@@ -248,7 +248,7 @@ class RemoteSession:
 
         self.remote.upload(str(lib), target="frugalrt_model.so")
         rlib = self.remote.load_module("frugalrt_model.so")
-        dev = self.remote.cpu()
+        dev = self.remote.cuda(0) if self.artifact.kind == "cuda-lib" else self.remote.cpu()  # e.g. a Jetson
         return dev, VirtualMachine(rlib, dev)
 
     def _bounded(self, fn: Callable[[], Any], what: str) -> Any:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -88,6 +88,15 @@ class ValidationReport:
     @property
     def passed(self) -> bool:
         return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    def to_json(self) -> str:
+        """The report as JSON: settings, the verdict and each output's errors, tolerance and result
+        (non-finite errors, e.g. of a shape mismatch, as null)."""
+        data = asdict(self)
+        for output in data["outputs"]:
+            output.update({k: v if math.isfinite(v) else None for k, v in output.items()
+                           if isinstance(v, float)})
+        return json.dumps({"passed": self.passed, **data}, indent=1)
 
     def table(self) -> str:
         """Human-readable results, one row per output."""

@@ -2,12 +2,15 @@
 
 The artifact directory is written atomically (a failure leaves nothing behind): ``model.onnx``
 (a copy), ``golden.npz`` (PyTorch's outputs recorded in the model's metadata, when present),
-``manifest.json`` and the library: ``lib.so`` (shared-lib targets, cross-linked), ``kernels.cu``
-(cuda; checked with nvcc for sm_75 and sm_87 when nvcc is installed) or ``bundle/`` (c-bundle,
+``manifest.json`` and the library: ``lib.so`` (shared-lib targets, cross-linked; cuda-lib targets:
+with the kernels embedded as an nvcc fatbin, ``frugalrt.targets.cuda_build``, and their source
+``kernels.cu`` beside it for inspection) or ``bundle/`` (c-bundle,
 built by ``frugalrt.targets.cbundle.build_bundle(mod, target, bundle_dir, golden=...)`` from the
 model imported for TVM's C target with batch 1). The 32-bit ARM targets (armv7, rpi-zero), for
 which no TVM runtime wheel exists, get both ``lib.so`` and ``bundle/``; their qemu-arm runner
-validates the bundle.
+validates the bundle. Every ARM target also gets ``runner`` (ARMv7: and ``runner-noneon``), a
+statically linked executable with the model built in for ``adb://`` and ``ssh://`` devices
+(``frugalrt.targets.runner``), recorded in the manifest's ``runners``.
 """
 from __future__ import annotations
 
@@ -29,18 +32,23 @@ from frugalrt._atomic import atomic_path, check_output
 from frugalrt.errors import TargetError
 from frugalrt.export.metadata import read_golden, save_golden_npz
 from frugalrt.runtime.artifact import GOLDEN, MANIFEST, MODEL, Artifact, file_digests
+from frugalrt.targets import opnames
 from frugalrt.targets.cbundle.check import check_bundle_model
 from frugalrt.targets.importer import load_model
 from frugalrt.targets.registry import DeviceTarget, get_target, llvm_target_info, target_spec, tvm_target
+from frugalrt.targets.runner.toolchains import RUNNER_BUILDS
 
-CUDA_CHECK_ARCHS = ("sm_75", "sm_87")
+CUDA_CHECK_ARCHS = ("sm_75", "sm_87", "sm_90")
+CUDA_SOURCE = "kernels.cu"
 BUNDLE = "bundle"
-LIB_FILES = {"shared-lib": "lib.so", "cuda-source": "kernels.cu", "c-bundle": BUNDLE}
+LIB_FILES = {"shared-lib": "lib.so", "cuda-lib": "lib.so", "c-bundle": BUNDLE}
 # Extra link flags per target. Android has no glibc: its library is linked without the C library
 # and startup files (the few libc symbols, e.g. memcpy, bind at load time to bionic). The armhf
 # toolchain's startup files and static libgcc are ARMv7 code, so the ARMv6 library embeds neither
 # and takes libc and libgcc_s (e.g. __divdi3) from the Pi's own shared libraries instead.
-LINK_OPTIONS = {"android-arm64": ["-nostdlib"], "rpi-zero": ["-nostdlib", "-Wl,--no-as-needed", "-lc", "-lgcc_s"]}
+# android-armv7's library follows Android's armeabi-v7a soft-float calling convention.
+LINK_OPTIONS = {"android-arm64": ["-nostdlib"], "android-armv7": ["-nostdlib", "-mfloat-abi=softfp"],
+                "rpi-zero": ["-nostdlib", "-Wl,--no-as-needed", "-lc", "-lgcc_s"]}
 
 Progress = Callable[[str], None]
 
@@ -66,20 +74,25 @@ def compile(model_path: str | os.PathLike, target: str, out_dir: str | os.PathLi
     check_bundle_model(model, device, board, source=model_path)  # C bundles: inputs, batch, --board
     import tvm  # noqa: F401  (load the compiler library once, outside the timed steps)
 
-    steps = 5 if device.runner == "qemu-arm" else 4
+    steps = 4 + (device.runner == "qemu-arm") + (device.name in RUNNER_BUILDS)
+    runners: dict = {}
     timed = _step_timer(say, device.name, steps)
     with atomic_path(out_dir, is_dir=True, inputs=[model_path], force=force) as tmp:
-        with timed("import"):
-            mod = _import(model, device)
-        with timed("build"):
-            built, bound = _build(mod, device, batch_bound)
-        with timed("link"):
-            _link(built, device, tmp, model, board)
-        if device.runner == "qemu-arm":  # no TVM runtime for 32-bit ARM: ship a self-contained C bundle too
-            with timed("bundle"):
-                _build_bundle(model, device, tmp / BUNDLE, model)
-        with timed("write"):
-            _write(model, device, tmp, bound)
+        with opnames.recording(tmp):  # frugalrt profile: the ONNX nodes of each kernel (targets/opnames.py)
+            with timed("import"):
+                mod = _import(model, device)
+            with timed("build"):
+                built, bound, plan = _build(mod, device, batch_bound)
+            with timed("link"):
+                _link(built, device, tmp, model, board, plan)
+            if device.runner == "qemu-arm":  # no TVM runtime for 32-bit ARM: ship a self-contained C bundle too
+                with timed("bundle"):
+                    _build_bundle(model, device, tmp / BUNDLE, model)
+            if device.name in RUNNER_BUILDS:  # every ARM target: static runners for adb:// and ssh:// devices
+                with timed("runner"):
+                    runners = _build_runners(model, device, tmp, say)
+        with timed("write"):  # after opnames.json, so that the manifest's sha256 covers it
+            _write(model, device, tmp, bound, runners, plan)
     return Artifact(out_dir)
 
 
@@ -98,11 +111,12 @@ def _step_timer(say: Progress, target: str, total: int):
 
 
 def _check_tools(device: DeviceTarget) -> None:
-    needed = [device.cross_cc] if device.cross_cc else []
-    missing = [tool for tool in needed if shutil.which(tool) is None]
+    needed = ([device.cross_cc] if device.cross_cc else []) + [b.cc for b in RUNNER_BUILDS.get(device.name, ())]
+    missing = sorted({tool for tool in needed if shutil.which(tool) is None})
     if missing:
         raise TargetError(f"target {device.name} needs {', '.join(missing)} to link; install it "
-                          "(Debian packages g++-aarch64-linux-gnu, gcc-arm-linux-gnueabihf)")
+                          "(Debian packages g++-aarch64-linux-gnu, gcc-arm-linux-gnueabihf, gcc-arm-linux-gnueabi; "
+                          "scripts/setup.sh as root)")
 
 
 def _import(model: onnx.ModelProto, device: DeviceTarget):
@@ -113,34 +127,47 @@ def _import(model: onnx.ModelProto, device: DeviceTarget):
 
 
 def _build(mod, device: DeviceTarget, batch_bound: int | None = None):
-    """(built module, the batch bound of main's statically planned memory or None: any batch)."""
+    """(built module, the batch bound of main's statically planned memory or None: any batch, the
+    static plan of main or None: ``frugalrt.targets.static_plan``)."""
     if device.artifact == "c-bundle":
-        return mod, None  # the bundle builder compiles its kernels with TVM's C codegen itself
+        return mod, None, None  # the bundle builder compiles its kernels with TVM's C codegen itself
     import tvm
 
-    from frugalrt.targets import passes
+    from frugalrt.targets import passes, static_plan
     from frugalrt.targets.kernels.standard import lower_standard_ops
 
     target = tvm_target(device)
     mod = lower_standard_ops(mod, target)  # fast standard-op kernels, before passes legalize the rest
     mod = passes.optimize(mod, target, passes.DEFAULT_BATCH_BOUND if batch_bound is None else batch_bound)
     bound = passes.planned_bound(mod)
+    plan = None
+    if device.artifact == "shared-lib":
+        mod, plan, _ = static_plan.attach(mod, passes.batch_var(mod["main"]))
     with target:
-        return tvm.compile(mod, target=target), bound
+        built = tvm.compile(mod, target=target)
+    return built, bound, plan if plan and static_plan.check_kernels(plan, built) is None else None
 
 
-def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto, board: str | None = None) -> None:
+def _link(built, device: DeviceTarget, out: Path, model: onnx.ModelProto, board: str | None = None,
+          plan: dict | None = None) -> None:
     lib = out / LIB_FILES[device.artifact]
     if device.artifact == "shared-lib":
         from tvm.support import cc
 
+        from frugalrt.targets import static_plan
+
         fcompile = None
         if device.cross_cc:
             fcompile = cc.cross_compiler(device.cross_cc, options=LINK_OPTIONS.get(device.name))
-        built.export_library(str(lib), fcompile=fcompile)
-    elif device.artifact == "cuda-source":
-        lib.write_text(cuda_source(built))
-        check_cuda_source(lib)
+        with tempfile.TemporaryDirectory(prefix="frugalrt-link-") as work:
+            addons, options = [], []
+            if plan:  # the static plan as one C function beside the kernels (frugalrt.runtime.plan)
+                driver = Path(work) / "frugalrt_plan.c"
+                driver.write_text(static_plan.driver_source(plan))
+                addons, options = [str(driver)], static_plan.driver_options()
+            built.export_library(str(lib), fcompile=fcompile, addons=addons, options=options)
+    elif device.artifact == "cuda-lib":
+        _link_cuda(built, device, lib)
     else:
         _build_bundle(built, device, lib, model, board)
 
@@ -152,18 +179,55 @@ def _build_bundle(mod, device: DeviceTarget, bundle_dir: Path, model: onnx.Model
     build_bundle(mod, device, bundle_dir, board=board, golden=read_golden(model))  # board: fit checked
 
 
+def _build_runners(model: onnx.ModelProto, device: DeviceTarget, out: Path, say: Progress) -> dict:
+    """The manifest entries of the target's static runners (frugalrt.targets.runner), or why there are none."""
+    from frugalrt.targets.runner import build_runners, unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason:
+        say(f"no static runner: {reason}")
+        return {"runner_skipped": reason}
+    bundle = out / BUNDLE
+    try:
+        entries = build_runners(model, device.name, out, golden=read_golden(model),
+                                bundle=bundle if bundle.is_dir() else None)
+    except Exception as e:  # noqa: BLE001  (the runner is extra: lib.so stands; the manifest says why)
+        reason = f"the C bundle the runner is built from failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        say(f"no static runner: {reason}")
+        return {"runner_skipped": reason}
+    return {"runners": entries}
+
+
+# --- cuda-lib targets (frugalrt.targets.cuda_build) ---------------------------------------------
+def _link_cuda(built, device: DeviceTarget, lib: Path) -> None:
+    """``lib.so`` with the kernels as an nvcc fatbin for the target's archs; ``kernels.cu`` beside it."""
+    from tvm.support import cc
+
+    from frugalrt.targets.cuda_build import compile_fatbin, pack_imports_with_fatbin
+
+    source = cuda_source(built)
+    (lib.parent / CUDA_SOURCE).write_text(source)
+    fatbin = compile_fatbin(source, device.name)
+    fcompile = cc.cross_compiler(device.cross_cc) if device.cross_cc else None
+    built.export_library(str(lib), fcompile=fcompile, fpack_imports=pack_imports_with_fatbin(source, fatbin))
+
+
+def _cuda_entries(device: DeviceTarget) -> dict:
+    """``cuda``: the SASS archs and PTX arch of the embedded fatbin and the source file (cuda-lib only)."""
+    if device.artifact != "cuda-lib":
+        return {}
+    from frugalrt.targets.cuda_build import CUDA_ARCHS
+
+    archs, ptx = CUDA_ARCHS[device.name]
+    return {"cuda": {"format": "fatbin", "archs": list(archs), "ptx": ptx, "source": CUDA_SOURCE,
+                     "fast_math": False}}
+
+
 def cuda_source(executable) -> str:
     """The CUDA C source of every kernel in a Relax executable built for a CUDA target."""
-    sources = [m.inspect_source() for m in _modules(executable.mod) if m.kind == "cuda"]
-    if not sources:
-        raise TargetError("the CUDA build produced no CUDA module")
-    return "\n".join(sources)
+    from frugalrt.targets.cuda_build import cuda_source as source
 
-
-def _modules(module):
-    yield module
-    for imported in module.imports:
-        yield from _modules(imported)
+    return source(executable)
 
 
 def check_cuda_source(path: Path, archs: tuple[str, ...] = CUDA_CHECK_ARCHS) -> list[str]:
@@ -180,7 +244,8 @@ def check_cuda_source(path: Path, archs: tuple[str, ...] = CUDA_CHECK_ARCHS) -> 
     return list(archs)
 
 
-def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path, batch_bound: int | None = None) -> None:
+def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path, batch_bound: int | None = None,
+           runners: dict | None = None, plan: dict | None = None) -> None:
     data = model.SerializeToString()
     (out / MODEL).write_bytes(data)
     golden = read_golden(model)
@@ -191,6 +256,7 @@ def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path, batch_bound:
         "artifact": device.artifact,
         "tvm_target": target_spec(device),  # what was compiled for: host's detected mcpu included
         **_cpu_entries(device),  # llvm_target (triple, mcpu, mattr) and cpu_features
+        **_cuda_entries(device),  # cuda: archs and PTX of the embedded fatbin (cuda-lib targets)
         "model_sha256": hashlib.sha256(data).hexdigest(),
         "frugalrt_version": frugalrt.__version__,
         "tvm_version": _tvm_version(),
@@ -198,9 +264,12 @@ def _write(model: onnx.ModelProto, device: DeviceTarget, out: Path, batch_bound:
         "outputs": [_value_info(v) for v in model.graph.output],
         "param_bytes": sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer),
         **({"batch_bound": batch_bound} if batch_bound else {}),  # main's memory is planned for batch <= it
+        **({"plan": plan} if plan else {}),  # main as kernel calls, run without the VM (frugalrt.runtime.plan)
         "files": {"lib": LIB_FILES[device.artifact], "model": MODEL,
                   **({"golden": GOLDEN} if golden is not None else {}),
-                  **({"bundle": BUNDLE} if device.runner == "qemu-arm" else {})},
+                  **({"bundle": BUNDLE} if device.runner == "qemu-arm" else {}),
+                  **{r["file"]: r["file"] for r in (runners or {}).get("runners", [])}},
+        **(runners or {}),  # runners: file, cc, cflags, libc, cpu, qemu of each; or runner_skipped: why none
         "sha256": file_digests(out),  # every file but the manifest, checked by Artifact.verify()
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -7,9 +7,11 @@ node is then checked against its spec, its parameters must be constants and NaN 
 weights are refused (:func:`frugalrt.export.spec_check.check_model`), so a malformed model fails in
 one line before any Relax is built. The graph is then simplified on a copy
 (:func:`frugalrt.export.fold.optimize_graph`: BatchNorm and per-channel constant affines folded into
-the neighbouring op, identity reshapes and sign-preserving clips before binary ops removed), and
-custom nodes are renamed to unique op types (``ai.frugalrt::Butterfly@v1``) for the frontend,
-which ignores domains.
+the neighbouring op, identity reshapes and sign-preserving clips before binary ops removed,
+activations fused into the ops and, for targets whose binary kernels take them, packed sign bits
+between binary ops: :func:`frugalrt.targets.kernels.binary.packs_activations`), and custom nodes
+are renamed to unique op types (``ai.frugalrt::Butterfly@v1``) for the frontend, which ignores
+domains.
 """
 from __future__ import annotations
 
@@ -98,7 +100,9 @@ def import_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, target: Any 
     renamed = onnx.ModelProto()
     renamed.CopyFrom(model)
     if optimize:
-        fold.optimize_graph(renamed)
+        from frugalrt.targets.kernels.binary import packs_activations
+
+        fold.optimize_graph(renamed, pack_bits=packs_activations(target))
         custom = check_ops(renamed)  # node indices after the rewrite
     if batch is not None:
         _fix_batch(renamed, batch)
@@ -108,7 +112,9 @@ def import_onnx(model_or_path: onnx.ModelProto | str | os.PathLike, target: Any 
         unique = f"{key[0]}::{key[1]}@v{key[2]}"
         node.op_type = unique
         converters[unique] = _converter(key, get_lowering(*key), target)
-    return _symbols_from_names(tvm_bridge.from_onnx(renamed, converters))
+    mod = tvm_bridge.from_onnx(renamed, converters)
+    # a fused activation re-emits its op's kernel (kernels/activation.py): drop the first call
+    return _symbols_from_names(tvm.relax.transform.DeadCodeElimination(["main"])(mod))
 
 
 def _symbols_from_names(mod):
@@ -132,6 +138,7 @@ def _fix_batch(model: onnx.ModelProto, batch: int) -> None:
 
 def _converter(key: tuple[str, str, int], lowering, target):
     """Adapter from the frontend's converter call to ``lowering.emit`` with constants as numpy."""
+    from frugalrt.targets.kernels import activation
     from frugalrt.targets.tvm_bridge import constant_value
 
     names = [p.name for p in onnx.defs.get_schema(key[1], key[2], key[0]).inputs]
@@ -142,6 +149,9 @@ def _converter(key: tuple[str, str, int], lowering, target):
             value = constant_value(expr) if expr is not None else None
             if value is not None:
                 consts[name] = value
-        return lowering.emit(bb, inputs, consts, attrs, target)
+        out = lowering.emit(bb, inputs, consts, attrs, target)
+        if attrs.get("output_packed"):  # the activation is in the packed sign bits already (docs/ops.md)
+            return out
+        return activation.apply(bb, out, attrs)
 
     return convert

@@ -14,8 +14,9 @@ from typing import Any, Literal, Optional
 
 from frugalrt.errors import TargetError
 
-Artifact = Literal["shared-lib", "c-bundle", "cuda-source"]
-Runner = Literal["local", "rpc", "qemu-arm", "qemu-system", "none"]  # none: compile only here
+Artifact = Literal["shared-lib", "c-bundle", "cuda-lib"]
+# none: compile only here; adb: only the static runner runs it (no TVM runtime wheel for the target)
+Runner = Literal["local", "rpc", "qemu-arm", "qemu-system", "adb", "cuda", "none"]
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,33 @@ TARGETS: dict[str, DeviceTarget] = {t.name: t for t in [
     DeviceTarget("android-arm64", "Android phone (AArch64 Cortex-A57, NEON; linked without libc)",
                  _llvm("aarch64-linux-android", "cortex-a57", "+neon"), cross_cc=_AARCH64_CC, runner="rpc",
                  needs=(_AARCH64_CC,)),
+    DeviceTarget("android-armv7", "32-bit Android phone (ARMv7-A Cortex-A9, NEON; armeabi-v7a soft-float ABI)",
+                 _llvm("armv7a-linux-androideabi", "cortex-a9", "+neon", "+vfp3", **{"mfloat-abi": "soft"}),
+                 cross_cc=_ARMHF_CC, runner="adb", needs=(_ARMHF_CC, "qemu-arm")),
     DeviceTarget("armv7", "32-bit ARM Linux (ARMv7-A Cortex-A7, NEON, hard float)",
                  _llvm("armv7a-linux-gnueabihf", "cortex-a7", "+neon", "+vfp4", **_ARMHF),
                  cross_cc=_ARMHF_CC, runner="qemu-arm", needs=(_ARMHF_CC, "qemu-arm")),
     DeviceTarget("rpi-zero", "Raspberry Pi Zero / 1 (ARMv6 ARM1176JZF-S, VFP, hard float)",
                  _llvm("armv6kz-linux-gnueabihf", "arm1176jzf-s", **_ARMHF),
-                 cross_cc=_ARMHF_CC, runner="qemu-arm", needs=(_ARMHF_CC, "arm-none-eabi-gcc", "qemu-arm")),
+                 cross_cc=_ARMHF_CC, runner="qemu-arm",
+                 needs=(_ARMHF_CC, "arm-none-eabi-gcc", "arm-linux-gnueabi-gcc", "qemu-arm")),
     DeviceTarget("cortex-m4", "Cortex-M4F microcontroller (C bundle, no OS)",
                  {"kind": "c"}, artifact="c-bundle", runner="qemu-system",
                  needs=("arm-none-eabi-gcc", "qemu-system-arm")),
     DeviceTarget("cortex-m7", "Cortex-M7 microcontroller (C bundle, no OS)",
                  {"kind": "c"}, artifact="c-bundle", runner="qemu-system",
                  needs=("arm-none-eabi-gcc", "qemu-system-arm")),
-    DeviceTarget("cuda", "NVIDIA GPU, sm_75+ (CUDA source, compile only; nvcc checks it)",
-                 {"kind": "cuda", "arch": "sm_75"}, artifact="cuda-source", host={"kind": "llvm"},
-                 runner="none", needs=("nvcc",)),
+    # cuda-lib: lib.so with an nvcc fatbin for the archs of frugalrt.targets.cuda_build.CUDA_ARCHS
+    DeviceTarget("cuda", "NVIDIA GPU, sm_75 and newer (x86-64 host; SASS sm_75..sm_90, PTX for newer)",
+                 {"kind": "cuda", "arch": "sm_75"}, artifact="cuda-lib", host={"kind": "llvm"},
+                 runner="cuda", needs=("nvcc", "g++")),
+    DeviceTarget("cuda-sm90", "NVIDIA Hopper GPU, H100 / H200 (x86-64 host; SASS and PTX sm_90)",
+                 {"kind": "cuda", "arch": "sm_90"}, artifact="cuda-lib", host={"kind": "llvm"},
+                 runner="cuda", needs=("nvcc", "g++")),
+    DeviceTarget("jetson-orin", "NVIDIA Jetson AGX/NX/Nano Orin (AArch64 Cortex-A78AE host, GPU sm_87)",
+                 {"kind": "cuda", "arch": "sm_87"}, artifact="cuda-lib",
+                 host=_llvm("aarch64-linux-gnu", "cortex-a78", "+neon"), cross_cc=_AARCH64_CC,
+                 runner="cuda", needs=("nvcc", _AARCH64_CC)),
 ]}
 
 

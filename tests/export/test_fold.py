@@ -11,7 +11,8 @@ from torch import nn
 
 import frugalrt
 from frugalrt.export.metadata import read_golden
-from frugalrt.export.fold import drop_clips_before_binary, fold_affine, optimize_graph, remove_identity_reshapes
+from frugalrt.export.fold import (drop_clips_before_binary, fold_affine, fuse_activations, optimize_graph,
+                                  remove_identity_reshapes)
 from frugalrt.nn import BinaryConv2d, BinaryLinear, ButterflyLinear
 from frugalrt.runtime.ort import run
 from frugalrt.runtime.reference import DOMAIN, pack_bits
@@ -251,3 +252,76 @@ def test_optimize_graph_chains_the_rewrites_on_a_binary_gemm():
     x = _f32(11, 8, seed=5)
     want = run(model, [x])[0]
     np.testing.assert_allclose(run(rewritten, [x])[0], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def _frugal_node(op_type: str, seed: int = 0):
+    """One ``ai.frugalrt`` node reading "x" [batch, 8] (BinaryConv: [batch, 2, 2, 2]) into "y", with
+    constants that make outputs of both signs."""
+    rng = np.random.default_rng(seed)
+    if op_type == "BinaryGemm":
+        return _binary_gemm("x", seed=seed)
+    if op_type == "Butterfly":
+        inits = {"tw": rng.standard_normal((3, 4, 2, 2)).astype(np.float32), "bb": _f32(6, seed=seed)}
+        return helper.make_node("Butterfly", ["x", "tw", "bb"], ["y"], domain=DOMAIN, out_features=6), inits
+    inits = {"wp": pack_bits(rng.choice([-1.0, 1.0], (5, 8))), "sc": rng.uniform(-1.5, 1.5, 5).astype(np.float32),
+             "bb": _f32(5, seed=seed)}
+    return helper.make_node("BinaryConv", ["x", "wp", "sc", "bb"], ["y"], domain=DOMAIN, in_channels=2,
+                            kernel_shape=[2, 2], pads=[1, 0, 0, 1]), inits
+
+
+ACTIVATION_NODES = {  # (node reading "y" into "z", extra constants)
+    "relu": (lambda: helper.make_node("Relu", ["y"], ["z"]), {}),
+    "clip": (lambda: helper.make_node("Clip", ["y", "lo", "hi"], ["z"]), {"lo": np.float32(-0.5), "hi": np.float32(2)}),
+    "clip max only": (lambda: helper.make_node("Clip", ["y", "", "hi"], ["z"]), {"hi": np.float32(0.25)}),
+}
+
+
+@pytest.mark.parametrize("op_type", ["Butterfly", "BinaryGemm", "BinaryConv"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATION_NODES))
+def test_activation_after_a_frugal_op_becomes_its_attribute_exactly(op_type, activation):
+    node, inits = _frugal_node(op_type, seed=len(activation))
+    make_act, consts = ACTIVATION_NODES[activation]
+    x_shape = [None, 2, 2, 2] if op_type == "BinaryConv" else [None, 8]
+    y_shape = {"Butterfly": [None, 6], "BinaryGemm": [None, 6], "BinaryConv": [None, 5, 2, 2]}[op_type]
+    model = _model([node, make_act()], {**inits, **consts}, inputs=(("x", x_shape),), outputs=(("z", y_shape),))
+    rewritten, count = _rewritten(model, fuse_activations)
+    assert count == 1 and _ops(rewritten) == {op_type}
+    assert not {"lo", "hi"} & {t.name for t in rewritten.graph.initializer}
+    onnx.checker.check_model(rewritten, full_check=True)
+    x = _f32(6, *[d for d in x_shape[1:]], seed=7) * 3
+    x.reshape(-1)[:3] = [0.0, -0.0, 1e-30]
+    np.testing.assert_array_equal(run(rewritten, [x])[0], run(model, [x])[0])  # the ORT reference path
+
+
+def test_activation_is_not_fused_when_the_op_output_is_read_elsewhere():
+    node, inits = _binary_gemm("x")
+    relu = helper.make_node("Relu", ["y"], ["z"])
+    assert _rewritten(_model([node, relu], inits, outputs=(("y", None), ("z", None))), fuse_activations)[1] == 0
+    twice = [node, relu, helper.make_node("Neg", ["y"], ["w"])]
+    assert _rewritten(_model(twice, inits, outputs=(("z", None), ("w", None))), fuse_activations)[1] == 0
+    relu_of_relu = [node, relu, helper.make_node("Relu", ["z"], ["w"])]
+    rewritten, count = _rewritten(_model(relu_of_relu, inits, outputs=(("w", None),)), fuse_activations)
+    assert count == 1 and [n.op_type for n in rewritten.graph.node] == ["BinaryGemm", "Relu"]
+
+
+@pytest.mark.parametrize("bounds", [("x", "hi"), ("lo", "hi")])
+def test_clip_with_input_or_inverted_bounds_is_not_fused(bounds):
+    node, inits = _binary_gemm("x")
+    inits.update(lo=np.float32(3), hi=np.float32(1))  # lo > hi: ONNX's result is not a clip to [lo, hi]
+    model = _model([node, helper.make_node("Clip", ["y", *bounds], ["z"])], inits, outputs=(("z", None),))
+    assert _rewritten(model, fuse_activations)[1] == 0
+
+
+@pytest.mark.parametrize("attrs,expected", [
+    ({"activation": "gelu"}, "attribute activation is 'gelu', expected one of '', 'relu', 'clip'"),
+    ({"activation": "clip", "activation_min": 2.0, "activation_max": 1.0},
+     "attributes activation_min 2.0 and activation_max 1.0: expected min <= max")])
+def test_bad_fused_activation_is_named(attrs, expected):
+    from frugalrt.errors import ArtifactError
+    from frugalrt.runtime.ort import make_session
+
+    node, inits = _binary_gemm("x")
+    for name, value in attrs.items():
+        node.attribute.append(helper.make_attribute(name, value))
+    with pytest.raises(ArtifactError, match=f"node .*\\(BinaryGemm\\): {expected}"):
+        make_session(_model([node], inits))

@@ -91,7 +91,8 @@ def test_session_copy_rewrites_only_the_copy():
     assert model.SerializeToString() == before
     assert node.op_type == "BinaryConvNoBias" and len(node.input) == 3
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    assert attrs == {"in_channels": 3, "kernel_shape": b"[3, 2]", "strides": b"[1, 1]", "pads": b"[0, 0, 0, 0]"}
+    assert attrs == {"in_channels": 3, "kernel_shape": b"[3, 2]", "strides": b"[1, 1]", "pads": b"[0, 0, 0, 0]",
+                     "activation": b'""', "activation_min": -np.inf, "activation_max": np.inf}  # defaults filled in
 
 
 def test_export_check_reports_elementwise_errors_and_argmax():

@@ -37,10 +37,16 @@ def test_host_artifact_validates_against_golden_and_live_pytorch(digits_host_art
 
 
 @pytest.mark.compile
-def test_cli_validate_prints_a_table_and_exits_0(digits_host_artifact, capsys):
-    assert main(["validate", str(digits_host_artifact)]) == 0
-    out = capsys.readouterr().out
-    assert "linear" in out and "100.0%" in out and out.rstrip().endswith("PASSED")
+def test_cli_validate_prints_a_table_writes_json_and_exits_0(digits_host_artifact, tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["validate", str(digits_host_artifact), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "linear" in text and "100.0%" in text and text.rstrip().endswith("PASSED")
+    report = json.loads(out.read_text())
+    assert report["passed"] is True and report["reference"] == "golden" and report["accumulation"] > 1
+    (check,) = report["outputs"]
+    assert check["name"] == "linear" and check["passed"] and check["argmax_agreement"] == 1.0
+    assert 0 <= check["max_abs"] <= check["tolerance"] and f"{check['max_abs']:.3g}" in text
 
 
 @pytest.fixture
@@ -89,13 +95,20 @@ def test_sign_bits_flipped_in_the_library_constants_fail(corrupt_copy, capsys):
 
 
 @pytest.mark.compile
-def test_permuted_golden_outputs_fail(corrupt_copy):
+def test_permuted_golden_outputs_fail_and_the_json_report_says_so(corrupt_copy, tmp_path, capsys):
     with np.load(corrupt_copy / "golden.npz") as npz:
         arrays = dict(npz)
-    arrays["output_0"] = arrays["output_0"][:, ::-1]
+    want = arrays["output_0"] = arrays["output_0"][:, ::-1]
     np.savez(corrupt_copy / "golden.npz", **arrays)
     _reseal(corrupt_copy)
-    assert not frugalrt.validate(corrupt_copy).passed
+    out = tmp_path / "v.json"
+    assert main(["validate", str(corrupt_copy), "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    (check,) = report["outputs"]
+    assert report["passed"] is False and check["passed"] is False and report["mode"] == "binary"
+    assert report["atol"] == 1e-5 and report["rtol"] == 1e-4 and check["shape"] == list(want.shape)
+    assert check["outside"] > 0 and check["max_abs"] > check["tolerance"] > 0 and check["argmax_agreement"] < 1
+    assert f"{check['max_abs']:.3g}" in capsys.readouterr().out
 
 
 @pytest.mark.compile

@@ -1,6 +1,9 @@
-"""Shared by the CPU kernel tests: the x86 CPU a test names, and the register-scratch check."""
+"""Shared by the target tests: the x86 CPU a test names, the register-scratch check, and a C bundle
+built and run natively."""
 import re
+import subprocess
 
+import numpy as np
 import pytest
 
 
@@ -28,3 +31,23 @@ def _assert_scratch_in_registers(name: str, func) -> None:
                if re.match(r"\s+\w+: T\.\w+ = ", line) and "T.let[" not in line]
     assert not mutable, (name, mutable)
     assert 'scope="local"' not in script, name
+
+
+@pytest.fixture
+def run_bundle_natively(tmp_path, need_tools):
+    """``run(bundle_dir, x) -> outputs [batch, -1]``: the bundle built for this machine with gcc
+    (``-ffp-contract=off``, as the bundle's Makefile) and run on the float32 rows of ``x``."""
+    need_tools("gcc", why="building the C bundle natively")
+    from frugalrt.targets.cbundle import write_inputs
+
+    def run(bundle, x: np.ndarray) -> np.ndarray:
+        exe, work = tmp_path / "bundle_host", tmp_path / "run"
+        subprocess.run(["gcc", "-O2", "-std=gnu11", "-ffp-contract=off", "-I.", "-Iinclude", "model.c", "weights.c",
+                        "kernels.c", "frugalrt_runtime.c", "test/frugalrt_main.c", "-lm", "-o", str(exe)],
+                       cwd=bundle, check=True, capture_output=True)
+        work.mkdir(exist_ok=True)
+        write_inputs(work / "frugalrt_in.bin", [x])
+        subprocess.run([str(exe)], cwd=work, check=True, capture_output=True)
+        return np.fromfile(work / "frugalrt_out.bin", np.float32).reshape(len(x), -1)
+
+    return run

@@ -3,7 +3,7 @@
 Every kernel is compiled for an x86 CPU named explicitly, never for the CPU LLVM detects here, so
 the same kernels are tested on any machine: ``x86-64`` (baseline: generic kernels, SSE2 only),
 ``haswell`` (AVX2: the ``vpshufb`` table GEMM and the byte-count conv) and ``icelake-server``
-(AVX-512 VPOPCNTDQ: the ``vpopcntq`` GEMM and conv). A kernel *runs* where this CPU has every ISA
+(AVX-512 VPOPCNTDQ: the ``vpopcntd`` GEMM and conv). A kernel *runs* where this CPU has every ISA
 extension its target enables (``x86_cpu(...).runs_here``, tests/conftest.py; Haswell code runs on
 AVX-512 machines too) and is otherwise skipped with the reason; whatever the machine,
 ``test_lowerings_pick_the_x86_kernels`` compiles each CPU's kernels and inspects their assembly.
@@ -35,6 +35,7 @@ def run(func, target, *arrays):
 
 @pytest.mark.parametrize("n,width,out,batch", [
     (8, 5, 8, 3), (16, 16, 10, 2), (32, 20, 32, 9), (64, 64, 64, 1), (512, 300, 512, 10), (2048, 2048, 1000, 3),
+    (1024, 20, 600, 2),  # mostly zero padding: blocks of it are skipped in two passes
 ])
 @pytest.mark.parametrize("cpu", [GENERIC, AVX2], indirect=True)  # every x86 target picks this kernel
 def test_butterfly_cpu_matches_reference(cpu, n, width, out, batch):
@@ -92,25 +93,28 @@ def test_binary_gemm_cpu_all_differing_bits_stay_exact(cpu):
     assert (y[np.arange(5), np.arange(5)] == -2048).all()
 
 
-# (AVX512, 8) is the shipped kernel (vpopcntq on zmm); elsewhere LLVM legalizes the same TIR (8 lanes, or 4),
-# so its logic is checked bit-exact on AVX2-only and baseline machines too.
-@pytest.mark.parametrize("cpu,lanes", [(AVX512, 8), (AVX2, 8), (AVX2, 4), (GENERIC, 8)], indirect=["cpu"])
-@pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (9, 4096, 48), (13, 64, 200)])
+# (AVX512, 16) is the shipped kernel (vpopcntd on zmm); elsewhere LLVM legalizes the same TIR (16 lanes, or 8),
+# so its logic is checked bit-exact on AVX2-only and baseline machines too. Shapes: K not a multiple of 32 (a tail
+# word) or 64, N with whole 48-column blocks, a partial block with whole vectors and single columns, batch
+# remainders of the 4-row tiles.
+@pytest.mark.parametrize("cpu,lanes", [(AVX512, 16), (AVX2, 16), (AVX2, 8), (GENERIC, 16)], indirect=["cpu"])
+@pytest.mark.parametrize("m,k,n", [(1, 8, 3), (5, 100, 40), (9, 4096, 48), (13, 64, 200), (7, 33, 97),
+                                   (6, 1000, 1024), (2, 2050, 113)])
 def test_binary_gemm_vpopcnt_tir_is_exact(cpu, m, k, n, lanes):
-    from frugalrt.targets.kernels.cpu_binary_vpopcnt import VECS, repack_words, vpopcnt_gemm_primfunc
+    from frugalrt.targets.kernels.cpu_binary_vpopcnt import kernel_inputs
 
     x = RNG.standard_normal((m, k)).astype(np.float32)
-    x[0, : min(k, 5)] = 0.0
+    x[0, : min(k, 5)] = 0.0  # sign(0) = +1
+    x[-1, : min(k, 3)] = -0.0
     w = ref.pack_bits(RNG.standard_normal((n, k)))
     scale, bias = RNG.random(n).astype(np.float32) + 0.1, RNG.standard_normal(n).astype(np.float32)
-    n_pad = -(-n // (lanes * VECS)) * lanes * VECS
-    y = run(vpopcnt_gemm_primfunc(k, n, n_pad, lanes), cpu.target, x, repack_words(w, n_pad, lanes),
-            np.pad(scale, (0, n_pad - n)), np.pad(bias, (0, n_pad - n)), np.zeros((m, n), np.float32))
+    func, consts = kernel_inputs(w, scale, bias, k, lanes)
+    y = run(func, cpu.target, x, *consts, np.zeros((m, n), np.float32))
     np.testing.assert_array_equal(y, ref.binary_gemm(x, w, scale, bias, in_features=k))
 
 
 def test_vpopcnt_kernel_compiles_for_avx512_xeons(x86_cpu):
-    """Compile-only, on any machine: the lowerings pick the 512-bit kernels, which count with ``vpopcntq``."""
+    """Compile-only, on any machine: the lowerings pick the 512-bit kernels, which count with ``vpopcntd``."""
     import tvm
     from tvm import relax
 
@@ -133,7 +137,7 @@ def test_vpopcnt_kernel_compiles_for_avx512_xeons(x86_cpu):
     asm = tvm.compile(mod, target=xeon).mod.imports[0].inspect_source("asm")
     functions = asm.split(".Lfunc_end")  # one chunk per function
     for name in ("frugalrt_binary_gemm_vpopcnt", "frugalrt_binary_conv_cpu"):
-        assert any(f"{name}" in f and "vpopcntq\t%zmm" in f for f in functions), name
+        assert any(f"{name}" in f and "vpopcntd\t%zmm" in f for f in functions), name
 
 
 @pytest.mark.parametrize("b,c,hw,o,kernel,strides,pads,bias", [
@@ -144,10 +148,15 @@ def test_vpopcnt_kernel_compiles_for_avx512_xeons(x86_cpu):
     (1, 5, (4, 4), 6, (2, 2), (2, 2), (0, 0, 0, 0), True),
     (1, 7, (12, 13), 5, (3, 3), (2, 3), (0, 2, 1, 0), False),
     (3, 64, (10, 21), 8, (3, 3), (1, 1), (1, 1, 1, 1), True),
+    (1, 65, (19, 37), 7, (3, 3), (1, 1), (1, 1, 1, 1), True),  # 37 columns: whole blocks, a clamped last vector
+    (2, 33, (20, 40), 9, (3, 3), (2, 2), (1, 1, 1, 1), False),
+    (1, 64, (17, 17), 16, (3, 3), (1, 1), (0, 0, 0, 0), True),  # 15 columns: narrower than a 16-lane vector
+    (1, 40, (7, 61), 6, (3, 3), (1, 1), (1, 1, 1, 1), False),  # a 48-column block, then 13 (a clamped vector)
+    (1, 19, (5, 56), 5, (3, 3), (1, 1), (1, 1, 1, 1), True),  # a 48-column block, then 8 (two channels a vector)
 ])
-# 4 lanes: the AVX2 variant; 8: the AVX-512 (vpopcntq) one, also legalized by LLVM for AVX2 (AVX2 intrinsics:
-# no baseline variant, the generic conv serves x86-64 and runs in tests/targets/test_kernels.py)
-@pytest.mark.parametrize("cpu,lanes", [(AVX2, 4), (AVX512, 8), (AVX2, 8)], indirect=["cpu"])
+# 4 lanes: the AVX2 variant; 16: the AVX-512 (vpopcntd) one, also legalized by LLVM for AVX2, and at 8 lanes (AVX2
+# intrinsics: no baseline variant, the generic conv serves x86-64 and runs in tests/targets/test_kernels.py)
+@pytest.mark.parametrize("cpu,lanes", [(AVX2, 4), (AVX512, 16), (AVX2, 16), (AVX2, 8)], indirect=["cpu"])
 def test_binary_conv_cpu_is_exact(cpu, b, c, hw, o, kernel, strides, pads, bias, lanes):
     from frugalrt.targets.kernels.cpu_binary_conv import binary_conv_primfunc, repack
 
@@ -156,22 +165,22 @@ def test_binary_conv_cpu_is_exact(cpu, b, c, hw, o, kernel, strides, pads, bias,
     wp = ref.pack_bits(RNG.standard_normal((o, c * kernel[0] * kernel[1])))
     scale = RNG.random(o).astype(np.float32) + 0.1
     b_vec = RNG.standard_normal(o).astype(np.float32) if bias else None
-    words, row_ids, corr = repack(wp, c, *kernel, *hw, strides, pads, lanes)
+    words, row_ids, offset = repack(wp, c, *kernel, *hw, strides, pads, lanes)
     o_pad = words.shape[-1]
     attrs = {"in_channels": c, "kernel_shape": kernel, "strides": strides, "pads": pads}
     expected = ref.binary_conv(x, wp, scale, b_vec, **attrs)
     bias_p = np.zeros(o_pad, np.float32) if b_vec is None else np.pad(b_vec, (0, o_pad - o))
-    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, corr.shape[0], lanes), cpu.target, x, words,
-            row_ids, corr, np.pad(scale, (0, o_pad - o)), bias_p, np.zeros(expected.shape, np.float32))
+    y = run(binary_conv_primfunc(c, *hw, o, *kernel, strides, pads, offset.shape[0], lanes), cpu.target, x, words,
+            row_ids, offset, np.pad(scale, (0, o_pad - o)), bias_p, np.zeros(expected.shape, np.float32))
     np.testing.assert_array_equal(y, expected)
 
 
 # mcpu -> (BinaryGemm kernel, an instruction its asm holds), (BinaryConv kernel, ditto), registers no code may use.
 # The butterfly kernel serves every x86 CPU. Baseline code must not touch ymm/zmm (it runs on any x86-64), AVX2
 # code no zmm (it runs on AVX2-only CPUs); AVX-512 without VPOPCNTDQ (x86-64-v4, Skylake-X) keeps the table
-# kernel; with VPOPCNTDQ both count with vpopcntq on zmm.
+# kernel; with VPOPCNTDQ both count with vpopcntd on zmm.
 _TABLE = (("frugalrt_binary_gemm_cpu", "vpshufb"), ("frugalrt_binary_conv_cpu", "vpsadbw"))
-_VPOPCNT = (("frugalrt_binary_gemm_vpopcnt", "vpopcntq\t%zmm"), ("frugalrt_binary_conv_cpu", "vpopcntq\t%zmm"))
+_VPOPCNT = (("frugalrt_binary_gemm_vpopcnt", "vpopcntd\t%zmm"), ("frugalrt_binary_conv_cpu", "vpopcntd\t%zmm"))
 PICKS = {
     "x86-64": (("frugalrt_binary_gemm", None), ("frugalrt_binary_conv", None), ("%ymm", "%zmm")),
     "x86-64-v3": (*_TABLE, ("%zmm",)), "haswell": (*_TABLE, ("%zmm",)), "znver3": (*_TABLE, ("%zmm",)),
@@ -282,12 +291,15 @@ def test_kernel_scratch_is_not_heap_memory(scratch_in_registers):
     from frugalrt.targets.kernels import cpu_binary, cpu_binary_conv, cpu_binary_vpopcnt, cpu_butterfly
 
     w = ref.pack_bits(RNG.standard_normal((8, 3 * 9)))
-    words, row_ids, corr = cpu_binary_conv.repack(w, 3, 3, 3, 6, 6, [1, 1], [1, 1, 1, 1])
+    words, row_ids, offset = cpu_binary_conv.repack(w, 3, 3, 3, 6, 6, [1, 1], [1, 1, 1, 1])
+    wide = cpu_binary_conv.repack(w, 3, 3, 3, 6, 6, [1, 1], [1, 1, 1, 1], cpu_binary_vpopcnt.LANES)[2]
     kernels = {
         "gemm x86": cpu_binary.binary_gemm_primfunc(1000, 40, 48, True),
         "gemm aarch64": cpu_binary.binary_gemm_primfunc(1000, 40, 48, False, "aarch64"),
         "gemm vpopcnt": cpu_binary_vpopcnt.vpopcnt_gemm_primfunc(300, 40, 64),
-        "conv": cpu_binary_conv.binary_conv_primfunc(3, 6, 6, 8, 3, 3, [1, 1], [1, 1, 1, 1], corr.shape[0]),
+        "conv": cpu_binary_conv.binary_conv_primfunc(3, 6, 6, 8, 3, 3, [1, 1], [1, 1, 1, 1], offset.shape[0]),
+        "conv vpopcnt": cpu_binary_conv.binary_conv_primfunc(3, 6, 6, 8, 3, 3, [1, 1], [1, 1, 1, 1], wide.shape[0],
+                                                             cpu_binary_vpopcnt.LANES),
         "butterfly": cpu_butterfly.butterfly_primfunc(1024, 1000, 1000),
     }
     for name, func in kernels.items():

@@ -58,3 +58,111 @@ def test_arm32_instruction_count_and_board_refusal(arm32_artifact):
     print(f"\n{arm32_artifact.target}: {count['instructions']} instructions per inference")
     with pytest.raises(DeviceError, match="boards are for Cortex-M"):
         frugalrt.load(arm32_artifact.path, device="qemu:netduinoplus2")
+
+
+# --- the ARMv7 NEON binary kernels (LLVM objects) under qemu-arm -------------------------------------
+# A bundle compiles its kernels with TVM's C codegen, so the NEON kernels (``arm_binary``,
+# ``arm_binary_conv``) are checked on their own: their TIR built by LLVM for ``armv7`` into an object,
+# linked with the bundle's runtime shim and a generated C driver that calls each kernel once.
+
+_DRIVER = """#include <stdio.h>
+#include "frugalrt_runtime.h"
+uint8_t frugalrt_workspace[16 << 20] __attribute__((aligned(64)));
+const size_t frugalrt_workspace_size = sizeof frugalrt_workspace;
+/* LLVM kernels reach the workspace through these (weak, null) globals: a static link defines them */
+void *__TVMBackendAllocWorkspace = (void *)TVMBackendAllocWorkspace;
+void *__TVMBackendFreeWorkspace = (void *)TVMBackendFreeWorkspace;
+static uint8_t in[%(in_bytes)d] __attribute__((aligned(64))), out[%(out_bytes)d] __attribute__((aligned(64)));
+%(decls)s
+int main(int argc, char **argv) {
+  FILE *f = fopen(argv[1], "rb");
+  if (!f || fread(in, 1, sizeof in, f) != sizeof in) return 2;
+  fclose(f);
+  void *const bases[3] = {in, out, NULL};
+%(calls)s
+  f = fopen(argv[2], "wb");
+  return !f || fwrite(out, 1, sizeof out, f) != sizeof out || fclose(f);
+}
+"""
+_DTYPES = {np.dtype(np.float32): (2, 32), np.dtype(np.int32): (0, 32), np.dtype(np.uint8): (1, 8),
+           np.dtype(np.uint64): (1, 64)}
+
+
+def _arg(i: int, a: np.ndarray, base: int, offset: int) -> tuple[str, str]:
+    """(declaration of arg ``i``'s shape, its ``frugalrt_arg`` initializer)."""
+    code, bits = _DTYPES[a.dtype]
+    decl = f"static const int64_t shape{i}[] = {{{', '.join(map(str, a.shape))}}};"
+    return decl, f"{{{base}, {a.ndim}, {code}, {bits}, {offset}, NULL, shape{i}}}"
+
+
+def run_arm_kernels(calls: list, tmp) -> list[np.ndarray]:
+    """``calls``: (TIR prim_func, input arrays, output shape) -> each call's float32 output, run under
+    ``qemu-arm -cpu cortex-a7`` from one static armv7 program."""
+    import tvm
+
+    from frugalrt.targets.cbundle.boards import PLATFORMS
+    from frugalrt.targets.cbundle.project import FILES, copy_headers
+    from frugalrt.targets.registry import tvm_target
+
+    mod = tvm.IRModule({f"k{n}": f.with_attr("global_symbol", f"k{n}") for n, (f, _, _) in enumerate(calls)})
+    tvm.compile(mod, target=tvm_target("armv7")).mod.write_to_file(str(tmp / "kernels.o"))
+    blob, outs, decls, lines, i, out_bytes = bytearray(), [], [], [], 0, 0
+    for n, (_, inputs, out_shape) in enumerate(calls):
+        args = []
+        for a in (np.ascontiguousarray(a) for a in inputs):
+            blob += bytes(-len(blob) % 64)
+            decl, init = _arg(i, a, 0, len(blob))
+            blob += a.tobytes()
+            decls.append(decl)
+            args.append(init)
+            i += 1
+        outs.append((out_bytes, out_shape))
+        decl, init = _arg(i, np.zeros(out_shape, np.float32), 1, out_bytes)
+        out_bytes += -(-int(np.prod(out_shape)) * 4 // 64) * 64  # LLVM kernels assume 64-byte aligned tensors
+        decls += [decl, f"int32_t __tvm_ffi_k{n}(void *, void *, int32_t, void *);"]
+        i += 1
+        lines.append(f"  {{ static const frugalrt_arg a[] = {{{', '.join(args + [init])}}};\n"
+                     f"    if (frugalrt_call(__tvm_ffi_k{n}, a, {len(args) + 1}, bases)) "
+                     f"{{ puts(frugalrt_last_error()); return 1; }} }}")
+    (tmp / "driver.c").write_text(_DRIVER % {"in_bytes": len(blob), "out_bytes": out_bytes,
+                                             "decls": "\n".join(decls), "calls": "\n".join(lines)})
+    (tmp / "in.bin").write_bytes(bytes(blob))
+    copy_headers(tmp / "include")
+    platform = PLATFORMS["armv7"]
+    subprocess.run([platform.cc, "-O2", "-std=gnu11", *platform.cflags, *platform.ldflags, "-I", str(FILES),
+                    "-I", str(tmp / "include"), str(tmp / "driver.c"), str(FILES / "frugalrt_runtime.c"),
+                    str(tmp / "kernels.o"), "-lm", "-o", str(tmp / "prog")], check=True)
+    run = subprocess.run([*platform.qemu, str(tmp / "prog"), str(tmp / "in.bin"), str(tmp / "out.bin")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    data = np.fromfile(tmp / "out.bin", np.float32)
+    return [data[offset // 4: offset // 4 + int(np.prod(shape))].reshape(shape) for offset, shape in outs]
+
+
+@pytest.mark.emulated
+def test_armv7_neon_binary_kernels_are_exact_under_qemu_arm(tmp_path):
+    from test_neon_kernels import CONV_CASES, conv_inputs, conv_model
+
+    from frugalrt.runtime import reference as ref
+    from frugalrt.targets.kernels import arm_binary, arm_binary_conv
+
+    missing = [t for t in NEEDS["armv7"] if not _installed(t)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    _, params = conv_model()
+    calls, want = [], []
+    for x, (c, h, w, o, kernel, strides, pads), (consts, attrs) in zip(conv_inputs(2), CONV_CASES, params):
+        func, inputs = arm_binary_conv.kernel_inputs(consts["W_packed"], consts["scale"], consts["B"], c, h, w,
+                                                     kernel, strides, pads, "arm")
+        want.append(ref.binary_conv(x, consts["W_packed"], consts["scale"], consts["B"], **attrs))
+        calls.append((func, [x, *inputs], want[-1].shape))
+    rng = np.random.default_rng(2)
+    for batch, k, n in [(5, 100, 40), (3, 1030, 70)]:
+        w, x = ref.pack_bits(rng.standard_normal((n, k))), rng.standard_normal((batch, k)).astype(np.float32)
+        x[0, :4] = 0.0
+        scale, bias = rng.random(n).astype(np.float32) + 0.1, rng.standard_normal(n).astype(np.float32)
+        func, consts = arm_binary.kernel_inputs(w, scale, bias, k, "arm")
+        calls.append((func, [x, *consts], (batch, n)))
+        want.append(ref.binary_gemm(x, w, scale, bias, in_features=k))
+    for y, expected in zip(run_arm_kernels(calls, tmp_path), want):
+        np.testing.assert_array_equal(y, expected)

@@ -12,8 +12,8 @@ EXPECTED = {"host", "x86-64-v1", "rpi4", "rpi3", "armv7", "rpi-zero", "android-a
 def test_every_required_target_is_registered():
     assert EXPECTED <= set(TARGETS)
     for t in TARGETS.values():
-        assert t.artifact in ("shared-lib", "c-bundle", "cuda-source")
-        assert t.runner in ("local", "rpc", "qemu-arm", "qemu-system", "none")
+        assert t.artifact in ("shared-lib", "c-bundle", "cuda-lib")
+        assert t.runner in ("local", "rpc", "qemu-arm", "qemu-system", "adb", "cuda", "none")
         assert (t.cross_cc is None) or t.cross_cc in t.needs
 
 

@@ -5,8 +5,8 @@ qemu-user without binfmt_misc; TVM's in-process starters avoid that. This file m
 without frugalrt (the device userland has only the TVM runtime): standard library and TVM only.
 
 Modes: ``server`` prints ``FRUGALRT_READY <port>`` once bound and serves until its process group
-is ended; it also registers ``frugalrt.device_info`` and ``frugalrt.vm_op_profile`` so a client can
-profile per op *on the device* (an instrument callback cannot cross RPC). ``tracker`` runs a TVM
+is ended; it also registers ``frugalrt.device_info`` and ``frugalrt.vm_kernel_profile`` so a client can
+profile per kernel *on the device* (an instrument callback cannot cross RPC). ``tracker`` runs a TVM
 RPC tracker. ``count`` runs a model N times in C++ (time evaluator) for instruction counting.
 
 Ports: without ``--port`` a server or tracker binds port 0 (the kernel picks a free port, so no
@@ -16,39 +16,64 @@ learns the port; with ``--port`` it binds that one (``--port-end`` for a range),
 import argparse
 import json
 import platform
-import time
 
 
-def vm_op_profile(vm_module, func_name: str, runs: int) -> str:
-    """Run ``func_name`` (inputs already set) ``runs`` times under ``VirtualMachine.set_instrument``.
+def vm_kernel_profile(vm_module, func_name: str, rounds: int, threads: int) -> str:
+    """Per-kernel times of ``func_name`` (inputs already set), measured without instrumentation.
 
-    Returns JSON ``{symbol: [calls, seconds, bytes]}``: wall time per packed-call name (kernels and
-    ``vm.builtin.*``) measured around each call, and for ``vm.builtin.alloc_storage`` the bytes it
-    allocated (the workspace of intermediate tensors). Times include the callback's own overhead.
+    An instrument callback (``set_instrument``) costs microseconds per call, several times a small
+    model's kernels, so it only *records* one inference: each packed call's symbol, its arguments and,
+    for ``vm.builtin.alloc_storage``, the bytes allocated. Then, in each of ``rounds`` rounds, the C++
+    time evaluator times the whole function (the median of 3 runs) and each kernel call (a symbol that
+    is not a ``vm.builtin.*``) alone, once, on the arguments it got, in call order as in an inference
+    (back-to-back calls of one kernel run slower under qemu). Kernels and whole are measured under
+    the same conditions: their difference is the VM's own work (builtins, dispatch). ``threads`` > 0
+    sets the TVM thread pool first.
+
+    Returns JSON ``{"calls": [[symbol, bytes]], "kernels": [call index], "whole": [s per round],
+    "times": [[s per kernel] per round]}``.
     """
     import tvm_ffi
 
-    totals, starts = {}, []
+    if threads > 0:
+        tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+    calls = []
 
-    def instrument(func, symbol, before_run, ret_value, *args):
-        now = time.perf_counter()
+    def record(func, symbol, before_run, ret_value, *args):
         if before_run:
-            starts.append(now)
-        else:
-            entry = totals.setdefault(str(symbol), [0, 0.0, 0])
-            entry[0] += 1
-            entry[1] += now - starts.pop()
-            if symbol == "vm.builtin.alloc_storage":
-                entry[2] += int(args[1][0])
+            size = int(args[1][0]) if symbol == "vm.builtin.alloc_storage" else 0
+            calls.append((str(symbol), func, args, size))
         return 0  # VMInstrumentReturnKind.NO_OP: run the call
 
-    vm_module["set_instrument"](tvm_ffi.convert(instrument))
+    vm_module["set_instrument"](tvm_ffi.convert(record))
     try:
-        for _ in range(runs):
-            vm_module["invoke_stateful"](func_name)
+        vm_module["invoke_stateful"](func_name)
     finally:
         vm_module["set_instrument"](None)
-    return json.dumps(totals)
+    kernels = [i for i, c in enumerate(calls) if not c[0].startswith("vm.builtin.")]
+    timers = []
+    for n, i in enumerate(kernels):
+        name = f"frugalrt.profile.kernel{n}"
+        tvm_ffi.register_global_func(name, calls[i][1], override=True)
+        timers.append((_timer(None, name, 1), calls[i][2]))
+    whole = _timer(vm_module, "invoke_stateful", 3)
+    result = {"calls": [[c[0], c[3]] for c in calls], "kernels": kernels, "whole": [], "times": []}
+    for _ in range(rounds):
+        result["whole"].append(whole(func_name))
+        result["times"].append([timer(*args) for timer, args in timers])
+    return json.dumps(result)
+
+
+def _timer(module, name: str, repeat: int):
+    """``name`` of ``module`` (None: the global registry) timed on the CPU: the median of ``repeat``
+    single calls (seconds), after one untimed call."""
+    import statistics
+    import struct
+
+    import tvm_ffi
+
+    evaluate = tvm_ffi.get_global_func("runtime.RPCTimeEvaluator")(module, name, 1, 0, 1, repeat, 0, 100, 0, 1, 0, "")
+    return lambda *args: statistics.median(struct.unpack(f"@{repeat}d", evaluate(*args)))
 
 
 def _register(kind: str) -> None:
@@ -56,7 +81,7 @@ def _register(kind: str) -> None:
 
     info = json.dumps({"kind": kind, "machine": platform.machine(), "emulated": kind.endswith("-emu")})
     tvm_ffi.register_global_func("frugalrt.device_info", lambda: info, override=True)
-    tvm_ffi.register_global_func("frugalrt.vm_op_profile", vm_op_profile, override=True)
+    tvm_ffi.register_global_func("frugalrt.vm_kernel_profile", vm_kernel_profile, override=True)
 
 
 def _code_range(lib: str) -> tuple:

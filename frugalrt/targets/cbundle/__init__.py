@@ -22,7 +22,7 @@ from frugalrt.targets.cbundle.arena import lifetimes_of, plan_arena
 from frugalrt.targets.cbundle.boards import PLATFORMS, platform_for
 from frugalrt.targets.cbundle.check import check_bundle_model
 from frugalrt.targets.cbundle.memory import check_fits, format_table
-from frugalrt.targets.cbundle.program import Program, compile_kernels, extract_program
+from frugalrt.targets.cbundle.program import KERNEL_PREFIX, Program, compile_kernels, extract_program
 
 __all__ = ["build_bundle", "check_bundle_model", "write_inputs"]
 
@@ -47,7 +47,22 @@ def make_plan(program: Program, workspace_bytes: int) -> dict:
             "binary_weights_bytes": sum(t.nbytes for t in consts if np.dtype(t.dtype).kind in "ui"),
             "io_bytes": 4 * sum(program.tensors[n].nbytes // 4 for n in program.inputs + program.outputs),
             "num_kernels": len({s.kernel for s in program.steps}), "num_steps": len(program.steps),
-            "steps": [{"kernel": s.kernel, "args": s.args} for s in program.steps]}
+            "steps": [{"kernel": s.kernel, "args": s.args, "nodes": s.nodes} for s in program.steps]}
+
+
+def _named_program(model, c_target) -> Program:
+    """Import ``model`` and extract its program, each step named by the ONNX nodes its kernel computes
+    (:func:`frugalrt.targets.opnames.recorded`: the kernel calls of the lowered ``main`` are the steps,
+    in order), so that the static runner reports per-op times by node; unnamed if it could not follow."""
+    from frugalrt.targets import opnames
+    from frugalrt.targets.importer import import_onnx
+
+    with opnames.recorded() as kernels:
+        program = extract_program(import_onnx(model, c_target))
+    if [KERNEL_PREFIX + k["kernel"] for k in kernels] == [s.kernel for s in program.steps]:
+        for step, kernel in zip(program.steps, kernels):
+            step.nodes = kernel["nodes"]
+    return program
 
 
 def write_inputs(path: str | os.PathLike, inputs: Sequence[np.ndarray], repeat: int = 1) -> int:
@@ -77,12 +92,13 @@ def build_bundle(mod, target, out_dir: str | os.PathLike, *, board: Optional[str
     c_target = tvm.target.Target({"kind": "c"})
     if not isinstance(mod, tvm.IRModule):
         from frugalrt.export.metadata import read_golden
-        from frugalrt.targets.importer import import_onnx, load_model
+        from frugalrt.targets.importer import load_model
 
         model = load_model(mod)
         golden = golden if golden is not None else read_golden(model)
-        mod = import_onnx(model, c_target)
-    program = extract_program(mod)
+        program = _named_program(model, c_target)
+    else:
+        program = extract_program(mod)
     source, workspace = compile_kernels(program, c_target)
     plan = make_plan(program, workspace)
     estimate = check_fits(plan, platform)

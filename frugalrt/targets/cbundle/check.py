@@ -11,7 +11,7 @@ buffer plan exists (``build_bundle(..., board=...)``, ``memory.check_fits``).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import onnx
 
@@ -53,6 +53,16 @@ def check_board(device, board: Optional[str]) -> None:
         raise TargetError(f"unknown board {board!r} for target {device.name}; boards: {', '.join(BOARDS)}")
 
 
+def io_values(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.ValueInfoProto]]:
+    """``("input" | "output", value info)`` of the graph's inputs (initializers excluded) and outputs."""
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name not in initializers:
+            yield "input", value
+    for value in model.graph.output:
+        yield "output", value
+
+
 def check_bundle_model(model: onnx.ModelProto, device, board: Optional[str] = None,
                        source: str | os.PathLike | None = None) -> None:
     """Refuse (TargetError, one line) a model that a C bundle for ``device`` could not run.
@@ -65,22 +75,19 @@ def check_bundle_model(model: onnx.ModelProto, device, board: Optional[str] = No
         return
     where = f"{os.fspath(source)}: " if source is not None else ""
     target = device.name
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in initializers]
-    for kind, values in (("input", inputs), ("output", list(model.graph.output))):
-        for value in values:
-            tensor = value.type.tensor_type
-            if tensor.elem_type != onnx.TensorProto.FLOAT:
-                raise TargetError(
-                    f"{where}{kind} {value.name!r} is {_describe(value)}: {target} bundles take and return "
-                    f"float32 tensors only (model_run(const float *in, float *out)); cast it to float32 "
-                    f"inside the model, or compile for a target with the TVM runtime (host, rpi4)")
-            shape = _shape(value)
-            if kind == "input" and not shape:
-                raise TargetError(f"{where}input {value.name!r} is {_describe(value)}, a scalar: {target} "
-                                  "bundles need a leading batch dimension (dynamic, or 1)")
-            if kind == "input" and isinstance(shape[0], int) and shape[0] > 1:
-                raise TargetError(
-                    f"{where}input {value.name!r} is {_describe(value)}, a fixed batch of {shape[0]}: {target} "
-                    f"bundles run one sample per model_run call and support batch 1 or a dynamic batch "
-                    f"(frugalrt export's default); export with batch 1 or a dynamic batch dimension")
+    for kind, value in io_values(model):
+        tensor = value.type.tensor_type
+        if tensor.elem_type != onnx.TensorProto.FLOAT:
+            raise TargetError(
+                f"{where}{kind} {value.name!r} is {_describe(value)}: {target} bundles take and return "
+                f"float32 tensors only (model_run(const float *in, float *out)); cast it to float32 "
+                f"inside the model, or compile for a target with the TVM runtime (host, rpi4)")
+        shape = _shape(value)
+        if kind == "input" and not shape:
+            raise TargetError(f"{where}input {value.name!r} is {_describe(value)}, a scalar: {target} "
+                              "bundles need a leading batch dimension (dynamic, or 1)")
+        if kind == "input" and isinstance(shape[0], int) and shape[0] > 1:
+            raise TargetError(
+                f"{where}input {value.name!r} is {_describe(value)}, a fixed batch of {shape[0]}: {target} "
+                f"bundles run one sample per model_run call and support batch 1 or a dynamic batch "
+                f"(frugalrt export's default); export with batch 1 or a dynamic batch dimension")

@@ -35,6 +35,7 @@ class Step:
     kernel: str  # TVM global symbol of the PrimFunc
     args: list[str]  # tensor names, inputs then outputs (destination-passing style)
     outputs: list[str]
+    nodes: list[dict] = field(default_factory=list)  # the ONNX nodes it computes ({"name", "op_type"}), if known
 
 
 @dataclass

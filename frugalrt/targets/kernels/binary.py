@@ -6,21 +6,84 @@ the fused output transform ``float(S) * scale + bias``. Weights arrive as uint8 
 repacked at compile time into W-bit words (``word_bits``: u64 on 64-bit targets, u32 otherwise);
 pad bits are 0 on both sides of the XOR, and the true K (or the number of in-image taps V, for a
 padded convolution) enters the sum: S = K - 2 * popcount(x ^ w).
+
+Packed activations (attributes ``input_packed``, ``output_packed``; docs/ops.md) are served by the
+generic kernels only: a packed X is read as bytes assembled into words (no binarization), and a
+packed Y is the sign bits of the float result, computed exactly as an integer compare of S with
+per-channel thresholds derived at compile time (:func:`sign_thresholds`). The importer packs
+between binary layers only for target families whose binary kernels are the generic ones anyway
+(:data:`PACKED_IO_FAMILIES`), so no fast kernel is lost.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 from tvm import relax, te, tirx
 
 from frugalrt.errors import UnsupportedOpError
+from frugalrt.runtime.reference import activate
 from frugalrt.targets.kernels import (conv_output_shape, pack_words, pick_kernel, register_lowering, taps_inside,
                                       word_bits)
-from frugalrt.targets.kernels.cpu_binary import emit_binary_gemm_aarch64, emit_binary_gemm_x86
+from frugalrt.targets.kernels import arm_binary, arm_binary_conv
+from frugalrt.targets.kernels.cpu_binary import emit_binary_gemm_x86
 from frugalrt.targets.kernels.cpu_binary_conv import emit_binary_conv_x86
+from frugalrt.targets.kernels.gpu_binary import emit_binary_conv_gpu, emit_binary_gemm_gpu
 from frugalrt.targets.kernels.schedules import emit_kernel
+from frugalrt.targets.kernels import has_cpu_features, target_family
 from frugalrt.targets.tvm_bridge import check_spec
+
+
+@dataclass(frozen=True)
+class Packing:
+    """A binary node's packed activations (docs/ops.md): X as packed sign bytes (``input``), Y as
+    the packed sign bits (``output``) of the float result after the fused ``activation``."""
+    input: bool = False
+    output: bool = False
+    activation: dict = field(default_factory=dict)  # the node's activation attributes (folded into Y's bits)
+
+    @classmethod
+    def of(cls, attrs: dict[str, Any]) -> "Packing":
+        act = {k: attrs[k] for k in ("activation", "activation_min", "activation_max") if k in attrs}
+        act = {k: v.decode() if isinstance(v, bytes) else v for k, v in act.items()}
+        return cls(bool(attrs.get("input_packed", 0)), bool(attrs.get("output_packed", 0)), act)
+
+    @property
+    def any(self) -> bool:
+        return self.input or self.output
+
+
+UNPACKED = Packing()
+
+
+def sign_thresholds(scale: np.ndarray, bias: np.ndarray | None, k: int,
+                    activation: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel ``(sense, t)`` (int32) such that, for every integer S in [-k, k],
+    ``sense * S < t`` exactly when the float32 result ``act(fl(fl(S * scale) + B))`` is < 0.
+
+    That result is monotone in S (rounding, a positive or negative factor, the addition and the
+    activations all are), nondecreasing in ``sense * S`` with ``sense = -1`` for a negative scale
+    (the direction flip) and +1 otherwise (a zero scale gives a constant), so the negative S form
+    a prefix in ``sense * S``; a vectorized binary search finds its end t in [-k, k + 1] by
+    evaluating the very float32 expression of the spec.
+    """
+    scale = np.asarray(scale, np.float32)
+    sense = np.where(scale < 0, -1, 1).astype(np.int32)
+
+    def negative(s: np.ndarray) -> np.ndarray:  # s: sense * S per channel
+        with np.errstate(over="ignore"):  # +-inf is the float32 result there, and its sign is right
+            y = (sense * s).astype(np.float32) * scale
+            y = y + np.asarray(bias, np.float32) if bias is not None else y
+        return activate(y.astype(np.float32), **activation) < 0
+
+    lo, hi = np.full(scale.shape, -k, np.int64), np.full(scale.shape, k + 1, np.int64)
+    while np.any(lo < hi):  # invariant: negative below lo, not negative from hi on (up to k)
+        mid = (lo + hi) // 2
+        neg = negative(np.minimum(mid, k))
+        open_ = lo < hi
+        lo, hi = np.where(open_ & neg, mid + 1, lo), np.where(open_ & ~neg, mid, hi)
+    return sense, lo.astype(np.int32)
 
 
 def _output(acc: te.Tensor, taps, scale: te.Tensor, bias: te.Tensor | None, channel_axis: int) -> te.Tensor:
@@ -33,36 +96,89 @@ def _output(acc: te.Tensor, taps, scale: te.Tensor, bias: te.Tensor | None, chan
     return te.compute(acc.shape, f, name="scale_bias")
 
 
+def _packed_output(acc: te.Tensor, taps, sense: te.Tensor, thresh: te.Tensor) -> te.Tensor:
+    """Packed Y from channel-last counts: bit r of byte j is channel c = 8j + r, set when
+    ``sense[c] * S < thresh[c]`` (S = taps - 2 * popcount); pad bits 0."""
+    *lead, n = (int(d) if isinstance(d, (int, tirx.IntImm)) else d for d in acc.shape)
+    r = te.reduce_axis((0, 8), name="bit")
+
+    def f(*idx):
+        c = idx[-1] * 8 + r.var
+        cc = tirx.min(c, n - 1)  # (in bounds; the bit is masked below)
+        s = taps(*idx[:-1], cc) - 2 * acc[(*idx[:-1], cc)]
+        return te.sum(_bit(tirx.all(c < n, s * sense[cc] < thresh[cc]), r, "uint8"), axis=r)
+
+    return te.compute((*lead, (n + 7) // 8), f, name="pack_y")
+
+
 def _bit(negative, r, dtype: str):
     """Word with bit r set when ``negative`` holds."""
     one = tirx.const(1, dtype)
     return tirx.Select(negative, one << tirx.Cast(dtype, r.var), tirx.const(0, dtype))
 
 
-def binary_gemm_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, bias: te.Tensor | None, k: int) -> te.Tensor:
-    """Generic XNOR-popcount GEMM: pack rows of X into words, popcount(x ^ w) summed over words."""
+def _packed_words(x: te.Tensor, n: int, dtype: str, name: str) -> te.Tensor:
+    """Words (``dtype``) of packed sign bytes along X's last axis (n signs: ceil(n/8) bytes), the
+    bits past n masked to 0 (so that only the n real signs enter the XOR, as in the reference)."""
+    *lead, nbytes = x.shape
+    nbytes = int(nbytes)
+    step = int(dtype[4:]) // 8
+    last = (1 << (n % 8 or 8)) - 1
+    r = te.reduce_axis((0, step), name="byte")
+
+    def f(*idx):
+        i = idx[-1] * step + r.var
+        byte = x[(*idx[:-1], tirx.min(i, nbytes - 1))]
+        byte = tirx.Select(i == nbytes - 1, byte & tirx.const(last, "uint8"), byte)
+        byte = tirx.Select(i < nbytes, byte, tirx.const(0, "uint8"))
+        return te.sum(byte.astype(dtype) << (tirx.Cast(dtype, r.var) * tirx.const(8, dtype)), axis=r)
+
+    return te.compute((*lead, -(-nbytes // step)), f, name=name)
+
+
+
+
+def binary_gemm_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, bias: te.Tensor | None, k: int,
+                   thresholds: tuple[te.Tensor, te.Tensor] | None = None) -> te.Tensor:
+    """Generic XNOR-popcount GEMM: pack rows of X into words (or read them: a uint8 X is packed
+    already), popcount(x ^ w) summed over words; a packed Y where ``thresholds`` (sense, t) are given."""
     batch = x.shape[0]
     n, words = (int(d) for d in w.shape)
     dtype = str(w.dtype)
     bits = int(dtype[4:])
-    r = te.reduce_axis((0, bits), name="bit")
-    xw = te.compute((batch, words), lambda b, j: te.sum(_bit(
-        tirx.if_then_else(j * bits + r.var < k, x[b, j * bits + r.var] < 0, tirx.const(False)), r, dtype), axis=r),
-        name="pack_x")
+    if str(x.dtype) == "uint8":
+        xw = _packed_words(x, k, dtype, "x_words")
+    else:
+        r = te.reduce_axis((0, bits), name="bit")
+        xw = te.compute((batch, words), lambda b, j: te.sum(_bit(
+            tirx.if_then_else(j * bits + r.var < k, x[b, j * bits + r.var] < 0, tirx.const(False)), r, dtype),
+            axis=r), name="pack_x")
     wi = te.reduce_axis((0, words), name="word")
     acc = te.compute((batch, n), lambda b, o: te.sum(
         tirx.popcount(tirx.bitwise_xor(xw[b, wi], w[o, wi])).astype("int32"), axis=wi), name="popcount")
+    if thresholds is not None:
+        return _packed_output(acc, lambda *_: k, *thresholds)
     return _output(acc, lambda *_: k, scale, bias, 1)
 
 
+def _threshold_consts(scale: np.ndarray, bias: np.ndarray | None, k: int, packing: Packing) -> list:
+    """The (sense, t) constants of a packed Y (they replace scale and B), else none."""
+    return [relax.const(t) for t in sign_thresholds(scale, bias, k, packing.activation)] if packing.output else []
+
+
 def emit_gemm_generic(bb, x, w_bytes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None,
-                      k: int, target) -> relax.Expr:
-    args = [x, relax.const(pack_words(w_bytes, word_bits(target))), relax.const(scale)] + ([relax.const(bias)] if bias is not None else [])
+                      k: int, target, packing: Packing = UNPACKED) -> relax.Expr:
+    thresholds = _threshold_consts(scale, bias, k, packing)
+    args = [x, relax.const(pack_words(w_bytes, word_bits(target)))]
+    args += thresholds or [relax.const(scale)] + ([relax.const(bias)] if bias is not None else [])
 
-    def kernel(x, w, scale, *bias):
-        return binary_gemm_te(x, w, scale, bias[0] if bias else None, k)
+    def kernel(x, w, *rest):
+        if thresholds:
+            return binary_gemm_te(x, w, None, None, k, tuple(rest))
+        return binary_gemm_te(x, w, rest[0], rest[1] if len(rest) > 1 else None, k)
 
-    return emit_kernel(bb, kernel, args, "frugalrt_binary_gemm", target)
+    return emit_kernel(bb, kernel, args, "frugalrt_binary_gemm_packed" if packing.any else "frugalrt_binary_gemm",
+                       target)
 
 
 def conv_taps(c: int, h: int, w: int, kh: int, kw: int, strides, pads, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,9 +192,22 @@ def conv_taps(c: int, h: int, w: int, kh: int, kw: int, strides, pads, bits: int
     return mask, valid.sum(axis=1).reshape(oh, ow).astype(np.int32)
 
 
+def _conv_output(count, batch, o: int, taps: te.Tensor, scale, bias, thresholds) -> te.Tensor:
+    """Y from the popcounts ``count(b, f, y, z)``: float32 [batch, O, OH, OW], or packed sign bits
+    [batch, OH, OW, ceil(O/8)] where ``thresholds`` are given (counted channel-last)."""
+    oh, ow = (int(d) for d in taps.shape)
+    if thresholds is not None:
+        acc = te.compute((batch, oh, ow, o), lambda b, y, z, f: count(b, f, y, z), name="popcount")
+        return _packed_output(acc, lambda b, y, z, f: taps[y, z], *thresholds)
+    acc = te.compute((batch, o, oh, ow), count, name="popcount")
+    return _output(acc, lambda b, f, y, z: taps[y, z], scale, bias, 1)
+
+
 def binary_conv_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, mask: te.Tensor | None, taps: te.Tensor,
-                   bias: te.Tensor | None, kernel_shape, strides, pads) -> te.Tensor:
-    """Generic binary conv: per output position, pack the (c, i, j) window of sign bits into words."""
+                   bias: te.Tensor | None, kernel_shape, strides, pads,
+                   thresholds: tuple[te.Tensor, te.Tensor] | None = None) -> te.Tensor:
+    """Generic binary conv: per output position, pack the (c, i, j) window of sign bits into words;
+    a packed Y where ``thresholds`` (sense, t) are given."""
     batch, c, h, wd = x.shape
     o, words = (int(d) for d in w.shape)
     oh, ow = (int(d) for d in taps.shape)
@@ -107,25 +236,80 @@ def binary_conv_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, mask: te.Tensor
             diff = tirx.bitwise_and(diff, mask[y, z, wi])
         return te.sum(tirx.popcount(diff).astype("int32"), axis=wi)
 
-    acc = te.compute((batch, o, oh, ow), count, name="popcount")
-    return _output(acc, lambda b, f, y, z: taps[y, z], scale, bias, 1)
+    return _conv_output(count, batch, o, taps, scale, bias, thresholds)
 
 
-def emit_conv_generic(bb, x, w_bytes, scale, bias, kernel_shape, strides, pads, target):
-    c, h, wd = (int(d) for d in x.ty.shape.values[1:])
+def binary_conv_packed_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, taps: te.Tensor, bias: te.Tensor | None,
+                          c: int, kernel_shape, strides, pads,
+                          thresholds: tuple[te.Tensor, te.Tensor] | None = None) -> te.Tensor:
+    """Generic binary conv of a packed X [batch, H, W, ceil(C/8)] with weights [O, kh, kw, words]
+    (each tap's C signs in words): S = V - 2 * sum over in-image taps of popcount(x ^ w)."""
+    batch, h, wd, _ = x.shape
+    o, kh, kw, words = (int(d) for d in w.shape)
+    sh, sw = strides
+    pt, pl = pads[0], pads[1]
+    xw = _packed_words(x, c, str(w.dtype), "x_words")  # [batch, H, W, words]
+    i, j, wi = (te.reduce_axis((0, n), name=name) for n, name in ((kh, "i"), (kw, "j"), (words, "word")))
+
+    def count(b, f, y, z):
+        row, col = y * sh + i - pt, z * sw + j - pl
+        inside = tirx.all(row >= 0, row < h, col >= 0, col < wd)
+        ones = tirx.popcount(tirx.bitwise_xor(xw[b, row, col, wi], w[f, i, j, wi])).astype("int32")
+        return te.sum(tirx.if_then_else(inside, ones, tirx.const(0, "int32")), axis=[i, j, wi])
+
+    return _conv_output(count, batch, o, taps, scale, bias, thresholds)
+
+
+def tap_major_words(w_bytes: np.ndarray, c: int, kh: int, kw: int, bits: int) -> np.ndarray:
+    """[O, ceil(C*kh*kw/8)] weights in (c, i, j) order -> [O, kh, kw, ceil(C/bits)] words, each tap's
+    C signs packed on their own (the layout of a packed X pixel), pad bits 0."""
+    o = w_bytes.shape[0]
+    bits_ = np.unpackbits(w_bytes, axis=-1, count=c * kh * kw, bitorder="little").reshape(o, c, kh, kw)
+    per_tap = np.packbits(bits_.transpose(0, 2, 3, 1), axis=-1, bitorder="little")  # [O, kh, kw, ceil(C/8)]
+    return pack_words(per_tap.reshape(o * kh * kw, -1), bits).reshape(o, kh, kw, -1)
+
+
+def emit_conv_generic(bb, x, w_bytes, scale, bias, kernel_shape, strides, pads, target,
+                      packing: Packing = UNPACKED, in_channels: int | None = None):
+    """``in_channels``: C, needed for a packed X ([batch, H, W, ceil(C/8)]); else X's dims give it."""
+    dims = [int(d) for d in x.ty.shape.values[1:]]
+    c, h, wd = (in_channels, dims[0], dims[1]) if packing.input else dims
     bits = word_bits(target)
     mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, bits)
-    mask = mask if any(pads) else None
-    args = [x, relax.const(pack_words(w_bytes, bits)), relax.const(scale), relax.const(taps)]
+    mask = mask if any(pads) and not packing.input else None
+    thresholds = _threshold_consts(scale, bias, c * kernel_shape[0] * kernel_shape[1], packing)
+    weights = tap_major_words(w_bytes, c, *kernel_shape, bits) if packing.input else pack_words(w_bytes, bits)
+    args = [x, relax.const(weights), relax.const(taps)]
     args += [relax.const(mask)] if mask is not None else []
-    args += [relax.const(bias)] if bias is not None else []
+    args += thresholds or [relax.const(scale)] + ([relax.const(bias)] if bias is not None else [])
 
-    def kernel(x, w, scale, taps, *rest):
+    def kernel(x, w, taps, *rest):
         rest = list(rest)
         m = rest.pop(0) if mask is not None else None
-        return binary_conv_te(x, w, scale, m, taps, rest[0] if rest else None, kernel_shape, strides, pads)
+        scale_, bias_ = (None, None) if thresholds else (rest[0], rest[1] if len(rest) > 1 else None)
+        th = tuple(rest) if thresholds else None
+        if packing.input:
+            return binary_conv_packed_te(x, w, scale_, taps, bias_, c, kernel_shape, strides, pads, th)
+        return binary_conv_te(x, w, scale_, m, taps, bias_, kernel_shape, strides, pads, th)
 
-    return emit_kernel(bb, kernel, args, "frugalrt_binary_conv", target)
+    name = "frugalrt_binary_conv_packed" if packing.any else "frugalrt_binary_conv"
+    return emit_kernel(bb, kernel, args, name, target)
+
+
+# Target families whose binary ops run the generic kernels, the ones that take packed activations:
+# family -> whether that holds for a target of it. The importer packs between binary layers only
+# there (:func:`packs_activations`), so no fast kernel is traded for packing.
+PACKED_IO_FAMILIES: dict[str, Callable[[Any], bool]] = {
+    "c": lambda target: True,  # TVM's C codegen: C bundles for Cortex-M
+    "mcu": lambda target: True,  # LLVM thumb without OS
+    "arm": lambda target: not has_cpu_features(target, "neon"),  # ARMv6: the NEON kernels fall back to generic
+}
+
+
+def packs_activations(target) -> bool:
+    """Whether the binary ops compiled for ``target`` take packed activations without a slower kernel."""
+    applies = PACKED_IO_FAMILIES.get(target_family(target))
+    return applies is not None and applies(target)
 
 
 def _binary_consts(op: str, inputs: list, consts: dict[str, np.ndarray]):
@@ -138,6 +322,16 @@ def _binary_consts(op: str, inputs: list, consts: dict[str, np.ndarray]):
             None if bias is None else bias.astype(np.float32))
 
 
+def _packing(op: str, x, attrs: dict[str, Any]) -> Packing:
+    """The node's packed activations, with X's dtype checked against ``input_packed``."""
+    packing = Packing.of(attrs)
+    dtype, want = str(x.ty.dtype), "uint8" if packing.input else "float32"
+    if dtype != want:
+        raise UnsupportedOpError(f"ai.frugalrt::{op} v1: input X has dtype {dtype}, expected {want} "
+                                 f"(input_packed = {int(packing.input)})")
+    return packing
+
+
 @register_lowering("BinaryGemm", 1)
 class BinaryGemmLowering:
     """Y = scale * (K - 2 popcount(sign bits of X ^ W)) + B."""
@@ -145,7 +339,11 @@ class BinaryGemmLowering:
     # target family -> kernel: emit(bb, x, w_packed, scale, bias, k, target) -> relax.Expr, with the
     # op's [N, ceil(K/8)] uint8 weights (each kernel repacks them for itself).
     # PERF: put fast CPU kernels (kernels/cpu_*.py) here under "x86" / "aarch64" / "arm" / "cpu".
-    KERNELS = {"generic": emit_gemm_generic, "x86": emit_binary_gemm_x86, "aarch64": emit_binary_gemm_aarch64}
+    KERNELS = {"generic": emit_gemm_generic, "x86": emit_binary_gemm_x86,
+               "aarch64": arm_binary.emit_binary_gemm_aarch64, "arm": arm_binary.emit_binary_gemm_arm,
+               "cuda": emit_binary_gemm_gpu}
+
+    PACKED = emit_gemm_generic  # the kernel of a node with packed activations (module docstring)
 
     def emit(self, bb, inputs: list, consts: dict[str, np.ndarray], attrs: dict[str, Any], target):
         w, scale, bias = _binary_consts("BinaryGemm", inputs, consts)
@@ -153,6 +351,9 @@ class BinaryGemmLowering:
         if w.shape[1] != (k + 7) // 8:
             raise UnsupportedOpError(f"ai.frugalrt::BinaryGemm v1: W_packed {w.shape} does not fit in_features={k}")
         check_spec("BinaryGemm", inputs, consts, attrs)  # the whole of docs/ops.md: scale, B, X, pad bits, NaN
+        packing = _packing("BinaryGemm", inputs[0], attrs)
+        if packing.any:
+            return BinaryGemmLowering.PACKED(bb, inputs[0], w, scale, bias, k, target, packing)
         kernel = pick_kernel(self.KERNELS, target)
         return kernel(bb, inputs[0], w, scale, bias, k, target)
 
@@ -163,15 +364,25 @@ class BinaryConvLowering:
 
     # target family -> kernel: emit(bb, x, w_packed, scale, bias, kernel_shape, strides, pads, target)
     # -> relax.Expr, w_packed as for BinaryGemm. PERF: fast CPU kernels go here, as for BinaryGemm.
-    KERNELS = {"generic": emit_conv_generic, "x86": emit_binary_conv_x86}
+    KERNELS = {"generic": emit_conv_generic, "x86": emit_binary_conv_x86,
+               "aarch64": arm_binary_conv.emit_binary_conv_aarch64, "arm": arm_binary_conv.emit_binary_conv_arm,
+               "cuda": emit_binary_conv_gpu}
+
+    PACKED = emit_conv_generic  # the kernel of a node with packed activations (module docstring)
 
     def emit(self, bb, inputs: list, consts: dict[str, np.ndarray], attrs: dict[str, Any], target):
         w, scale, bias = _binary_consts("BinaryConv", inputs, consts)
+        packing = _packing("BinaryConv", inputs[0], attrs)
         shape = inputs[0].ty.shape
         dims = [d.value if isinstance(d, tirx.IntImm) else None for d in shape.values[1:]] if shape else []
         if len(dims) != 3 or None in dims:
             raise UnsupportedOpError(f"ai.frugalrt::BinaryConv v1 needs static C, H, W; got input shape {shape}")
         c, h, wd = dims
+        if packing.input:  # [batch, H, W, ceil(C/8)]
+            (h, wd, nbytes), c = dims, int(attrs["in_channels"])
+            if nbytes != (c + 7) // 8:
+                raise UnsupportedOpError(f"ai.frugalrt::BinaryConv v1: packed input [batch, {h}, {wd}, {nbytes}] "
+                                         f"does not fit in_channels={c} (expects {(c + 7) // 8} bytes per pixel)")
         kernel_shape = [int(v) for v in attrs["kernel_shape"]]
         strides = [int(v) for v in attrs.get("strides", (1, 1))]
         pads = [int(v) for v in attrs.get("pads", (0, 0, 0, 0))]
@@ -183,5 +394,8 @@ class BinaryConvLowering:
                 f"W_packed {w.shape} (expects [O, {(kdim + 7) // 8}]), kernel {kernel_shape}, strides {strides}, "
                 f"pads {pads} -> output {oh}x{ow}: inconsistent")
         check_spec("BinaryConv", inputs, consts, attrs)  # the whole of docs/ops.md: scale, B, pad bits, NaN
+        if packing.any:
+            return BinaryConvLowering.PACKED(bb, inputs[0], w, scale, bias, kernel_shape, strides, pads, target,
+                                             packing, c)
         kernel = pick_kernel(self.KERNELS, target)
         return kernel(bb, inputs[0], w, scale, bias, kernel_shape, strides, pads, target)

@@ -15,6 +15,7 @@ from tvm import relax, te, tirx
 from frugalrt.errors import UnsupportedOpError
 from frugalrt.targets.kernels import pick_kernel, register_lowering
 from frugalrt.targets.kernels.cpu_butterfly import emit_butterfly_cpu
+from frugalrt.targets.kernels.gpu_butterfly import emit_butterfly_gpu
 from frugalrt.targets.kernels.schedules import emit_kernel
 from frugalrt.targets.tvm_bridge import check_spec
 
@@ -72,7 +73,8 @@ class ButterflyLowering:
 
     # target family -> kernel: emit(bb, x, own, other, bias, out_features, target) -> relax.Expr.
     # PERF: put fast CPU kernels (kernels/cpu_*.py) here under "x86" / "aarch64" / "arm" / "cpu".
-    KERNELS = {"generic": emit_generic, "x86": emit_butterfly_cpu, "aarch64": emit_butterfly_cpu}
+    KERNELS = {"generic": emit_generic, "x86": emit_butterfly_cpu, "aarch64": emit_butterfly_cpu,
+               "cuda": emit_butterfly_gpu}
 
     def emit(self, bb, inputs: list, consts: dict[str, np.ndarray], attrs: dict[str, Any], target):
         if "twiddles" not in consts or (len(inputs) > 2 and inputs[2] is not None and "B" not in consts):

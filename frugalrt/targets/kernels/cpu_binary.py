@@ -1,5 +1,4 @@
-"""Fast CPU kernel of ``ai.frugalrt::BinaryGemm`` (x86 AVX2, AArch64 NEON): table lookups instead of
-XOR + popcount.
+"""Fast CPU kernel of ``ai.frugalrt::BinaryGemm`` for x86 AVX2: table lookups instead of XOR + popcount.
 
 AVX2 has no vector popcount: LLVM counts bits with two ``vpshufb`` nibble lookups plus masks,
 shifts and a ``vpsadbw``, ~9 instructions per 256 weight bits. Here the activations go into the
@@ -23,12 +22,10 @@ at 64x1024x1024 and 1.6x slower at 1x4096x4096 (4 MiB of weights). The previous 
 built with ``vpshufb`` for every row, packed weights) was 1.14x slower at 64x1024x1024; looking
 tables up in the constant inside the inner loop (``movzx`` + shift + load per table) takes 13.7
 instead of 9.6 cycles per step in isolation. XOR + LLVM's AVX2 popcount is 1.7x slower, scalar
-``popcnt`` on u64 words 2.4x. With AVX-512 VPOPCNTDQ the plain XOR + ``vpopcntq`` kernel
-(``cpu_binary_vpopcnt``) is used instead.
-
-AArch64 runs the same kernel with NEON ``tbl`` (16-byte tables: each 32-byte slice is two halves,
-whose tables are the two lanes of an x86 table pair). Under qemu-aarch64 a 256x256 layer at batch 1
-executes 4,841 instructions, against 13,536 for the generic XOR + ``cnt`` kernel.
+``popcnt`` on u64 words 2.4x. With AVX-512 VPOPCNTDQ the plain XOR + ``vpopcntd`` kernel
+(``cpu_binary_vpopcnt``) is used instead. (AArch64 once ran this kernel with NEON ``tbl``: 4,841
+instructions for a 256x256 layer at batch 1 under qemu-aarch64; NEON's own ``cnt`` does it in 3,241,
+``arm_binary``.)
 """
 from __future__ import annotations
 
@@ -72,14 +69,9 @@ def repack_weights(w_bytes: np.ndarray, n_pad: int, split: bool = True) -> np.nd
     return np.ascontiguousarray((lo | (hi << 4)).transpose(0, 2, 1))
 
 
-LOOKUPS = {"x86": ("llvm.x86.avx2.pshuf.b", 32), "aarch64": ("llvm.aarch64.neon.tbl1", 16)}  # intrinsic, lanes
-
-
-def _lookup(table, index, isa: str = "x86"):
-    """Byte lookups in 16-entry tables: x86 ``vpshufb`` (32 lanes, one table per 128-bit lane),
-    AArch64 ``tbl`` (16 lanes, one table)."""
-    name, lanes = LOOKUPS[isa]
-    return T.call_llvm_pure_intrin(f"uint8x{lanes}", name, table, index)
+def _lookup(table, index):
+    """Byte lookups in 16-entry tables: ``vpshufb`` (32 lanes, one table per 128-bit lane)."""
+    return T.call_llvm_pure_intrin("uint8x32", "llvm.x86.avx2.pshuf.b", table, index)
 
 
 def _iota16():
@@ -98,17 +90,13 @@ def byte_popcount(v):
             + _lookup(_pop4(), v >> T.broadcast(T.uint8(4), 32)))
 
 
-def sign_bytes(k: int, nbytes: int, movmsk: bool = True):
+def sign_bytes(k: int, nbytes: int):
     """Macro ``(X, xbits, row, base)``: sign bits of row ``row`` of X[., K] into ``xbits[base:base + nbytes]``
-    (bit set = negative, pad bits 0). Whole bytes: x86 ``vcmpltps`` + ``vmovmskps`` if ``movmsk``, else a
-    vector compare and an OR-reduction of the lane bits."""
+    (bit set = negative, pad bits 0). Whole bytes: ``vcmpltps`` + ``vmovmskps``."""
     def byte(X, row, i):
         negative = X[row, T.ramp(i * 8, 1, 8)] < T.broadcast(T.float32(0), 8)
-        if movmsk:
-            return T.call_llvm_pure_intrin("int32", "llvm.x86.avx.movmsk.ps.256", T.reinterpret(
-                "float32x8", T.Select(negative, T.broadcast(T.int32(-1), 8), T.broadcast(T.int32(0), 8))))
-        return T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.or", T.Select(
-            negative, T.broadcast(T.int32(1), 8) << T.ramp(0, 1, 8), T.broadcast(T.int32(0), 8)))
+        return T.call_llvm_pure_intrin("int32", "llvm.x86.avx.movmsk.ps.256", T.reinterpret(
+            "float32x8", T.Select(negative, T.broadcast(T.int32(-1), 8), T.broadcast(T.int32(0), 8))))
 
     @T.macro
     def pack(X, xbits, row, base):
@@ -129,23 +117,18 @@ def unfused(product):
     return T.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", product)
 
 
-def binary_gemm_primfunc(k: int, n: int, n_pad: int, split: bool = True, isa: str = "x86"):
+def binary_gemm_primfunc(k: int, n: int, n_pad: int, split: bool = True):
     """TIR kernel ``(X[batch, K], W, tables[256, 32], scale[N_pad], bias[N_pad], Y[batch, N])``,
-    W from :func:`repack_weights` (``split`` chooses its layout), tables from :func:`nibble_tables`.
-    ``isa``: a key of :data:`LOOKUPS`; AArch64 works on each 32-byte slice as two 16-byte halves."""
+    W from :func:`repack_weights` (``split`` chooses its layout), tables from :func:`nibble_tables`."""
     q_steps = -(-k // 16)
     nbytes = 2 * q_steps
     blocks = n_pad // OUTS
     tile_cols, row_cols = (c if blocks % c == 0 else 1 for c in COLS)  # weight vectors per register block
     flushes = -(-q_steps // FLUSH)
-    pack = sign_bytes(k, nbytes, movmsk=isa == "x86")
-    lanes = LOOKUPS[isa][1]
+    pack = sign_bytes(k, nbytes)
     unit = max(tile_cols, row_cols)
     w_shape = (blocks, q_steps, 2, 32) if split else (blocks, q_steps, 32)
     vec, half = T.ramp(0, 1, 32), T.ramp(0, 1, 16)
-
-    def part(p):  # an index written out, not a TIR ``let``: a vector bound to a variable makes gathers
-        return T.ramp(p * lanes, 1, lanes)
 
     @T.macro
     def load_weights(W, wlo, whi, b, c, q):
@@ -179,10 +162,8 @@ def binary_gemm_primfunc(k: int, n: int, n_pad: int, split: bool = True, isa: st
                         load_weights(W, wlo, whi, nb * cols + c, c, q)
                     for r in T.unroll(nrows):
                         for c in T.unroll(cols):
-                            for p in T.unroll(32 // lanes):  # 16-byte parts on AArch64
-                                acc8[r, c, part(p)] = (acc8[r, c, part(p)]
-                                                       + _lookup(rtab[r, q, 0, part(p)], wlo[c, part(p)], isa)
-                                                       + _lookup(rtab[r, q, 1, part(p)], whi[c, part(p)], isa))
+                            acc8[r, c, vec] = (acc8[r, c, vec] + _lookup(rtab[r, q, 0, vec], wlo[c, vec])
+                                               + _lookup(rtab[r, q, 1, vec], whi[c, vec]))
                 for r in T.unroll(nrows):  # widen; the two lanes hold two K groups of the same 16 outputs
                     for c in T.unroll(cols):
                         acc16[r, c, half] = (acc16[r, c, half] + T.Cast("uint16x16", acc8[r, c, half])
@@ -229,18 +210,18 @@ def splits_weights(k: int, n_pad: int) -> bool:
     return n_pad // OUTS * -(-k // 16) * 64 <= SPLIT_MAX_BYTES
 
 
-def kernel_inputs(w_bytes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, k: int, isa: str = "x86"):
+def kernel_inputs(w_bytes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, k: int):
     """``(primfunc, constant inputs after X)`` of the kernel for ``w_bytes``, the op's [N, ceil(K/8)] uint8 input."""
     n = w_bytes.shape[0]
     n_pad = -(-n // OUTS) * OUTS
     split = splits_weights(k, n_pad)
     consts = [repack_weights(w_bytes, n_pad, split), nibble_tables(), *padded_scale_bias(scale, bias, n_pad)]
-    return binary_gemm_primfunc(k, n, n_pad, split, isa), consts
+    return binary_gemm_primfunc(k, n, n_pad, split), consts
 
 
 def emit_binary_gemm_cpu(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
-                         bias: np.ndarray | None, k: int, isa: str = "x86") -> relax.Expr:
-    func, consts = kernel_inputs(w_bytes, scale, bias, k, isa)
+                         bias: np.ndarray | None, k: int) -> relax.Expr:
+    func, consts = kernel_inputs(w_bytes, scale, bias, k)
     gv = bb.add_func(func.with_attr("op_pattern", 8).without_attr("global_symbol"),  # opaque; Relax names it
                      "frugalrt_binary_gemm_cpu")
     batch = x.ty.shape.values[0]
@@ -281,13 +262,3 @@ def emit_binary_gemm_x86(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndar
 
     return emit_gemm_generic(bb, x, w_bytes, scale, bias, k, target)
 
-
-def emit_binary_gemm_aarch64(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
-                             bias: np.ndarray | None, k: int, target) -> relax.Expr:
-    """Lowering entry (``BinaryGemmLowering.KERNELS["aarch64"]``): the table-lookup kernel with NEON ``tbl``
-    while its u16 counters cannot overflow, else the generic kernel."""
-    if has_cpu_features(target, "neon") and fits_u16_counts(k):
-        return emit_binary_gemm_cpu(bb, x, w_bytes, scale, bias, k, "aarch64")
-    from frugalrt.targets.kernels.binary import emit_gemm_generic
-
-    return emit_gemm_generic(bb, x, w_bytes, scale, bias, k, target)

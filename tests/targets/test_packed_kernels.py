@@ -1,0 +1,140 @@
+"""Packed activations in the TVM lowerings (docs/ops.md, "Packed activations"): the compile-time sign
+thresholds, the generic kernels compiled for this machine, the per-target gate, and a C bundle built
+natively with gcc, each bit for bit against the numpy reference kernels (through ONNX Runtime)."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import frugalrt
+from frugalrt.export.fold import optimize_graph, pack_between_binary
+from frugalrt.nn import BinaryConv2d, BinaryLinear
+from frugalrt.runtime import reference as ref
+from frugalrt.runtime.ort import run
+from frugalrt.targets.kernels.binary import packs_activations, sign_thresholds
+from frugalrt.targets.registry import tvm_target
+
+DOMAIN = "ai.frugalrt"
+RNG = np.random.default_rng(11)
+CLIP = {"activation": "clip", "activation_min": -0.3, "activation_max": 0.7}
+
+
+@pytest.mark.parametrize("activation", [{}, {"activation": "relu"}, CLIP,
+                                        {"activation": "clip", "activation_min": 0.0, "activation_max": 1.0}])
+def test_sign_thresholds_equal_the_float_result_for_every_sum(activation):
+    """Every S in [-K, K], channels with positive, negative, zero, -0.0, tiny and huge scales, and
+    biases that make Y exactly 0 (or overflow to +-inf) at some S."""
+    k = 37
+    scale = np.concatenate([RNG.standard_normal(40), [0.0, -0.0, 1e-30, -1e-30, 3e38, -3e38, 0.5, -0.25]])
+    bias = np.concatenate([RNG.standard_normal(40) * 5, [1.0, -1.0, 0.0, -0.0, 3e38, -3e38, -0.5, 0.75]])
+    scale, bias = scale.astype(np.float32), bias.astype(np.float32)
+    sense, t = sign_thresholds(scale, bias, k, activation)
+    s = np.arange(-k, k + 1, dtype=np.int32)[:, None]
+    with np.errstate(over="ignore"):
+        y = ref.activate((s.astype(np.float32) * scale + bias).astype(np.float32), **activation)
+    np.testing.assert_array_equal(sense * s < t, y < 0)
+
+
+def test_only_targets_running_the_generic_kernels_pack():
+    packing = {name: packs_activations(tvm_target(name))
+               for name in ("cortex-m4", "rpi-zero", "x86-64-v1", "x86-64-v3", "rpi4", "armv7")}
+    assert packing == {"cortex-m4": True, "rpi-zero": True, "x86-64-v1": False, "x86-64-v3": False,
+                       "rpi4": False, "armv7": False}
+
+
+def _chain(op_type: str, x_dims: list, layers: list[tuple[dict, dict]]) -> onnx.ModelProto:
+    """X -> layer 0 -> layer 1 -> ... of ``op_type``; each layer (attributes, constants by input name)."""
+    nodes, inits, x = [], [], "X"
+    for i, (attrs, consts) in enumerate(layers):
+        inits += [numpy_helper.from_array(v, f"{name}{i}") for name, v in consts.items()]
+        nodes.append(helper.make_node(op_type, [x, *(f"{n}{i}" for n in consts)], [f"y{i}"], domain=DOMAIN,
+                                      name=f"n{i}", **attrs))
+        x = f"y{i}"
+    x_info = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *x_dims])
+    graph = helper.make_graph(nodes, "chain", [x_info], [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
+def _consts(rows: int, k: int) -> dict:
+    """Packed weights, a scale with negative and zero entries, a bias hitting Y == 0 (0.5 * 1 - 0.5)."""
+    scale, bias = RNG.standard_normal(rows).astype(np.float32), RNG.standard_normal(rows).astype(np.float32)
+    scale[0], scale[1], bias[1] = 0.0, 0.5, -0.5
+    return {"W_packed": ref.pack_bits(RNG.standard_normal((rows, k))), "scale": scale, "B": bias}
+
+
+CHAINS = {  # name -> (model, X shape without batch); K, C, N: no multiples of 8, 32 or 64
+    "gemm": (_chain("BinaryGemm", [77], [({"in_features": 77, **CLIP}, _consts(45, 77)),
+                                         ({"in_features": 45}, _consts(13, 45)),
+                                         ({"in_features": 13, "activation": "relu"}, _consts(9, 13))]), (77,)),
+    "conv": (_chain("BinaryConv", [3, 9, 8], [
+        (dict(in_channels=3, kernel_shape=[3, 3], pads=[1, 1, 1, 1], **CLIP), _consts(11, 27)),
+        (dict(in_channels=11, kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 2, 1]), _consts(37, 66)),
+        (dict(in_channels=37, kernel_shape=[2, 2], activation="relu"), _consts(5, 148))]), (3, 9, 8)),
+}
+
+
+@pytest.mark.compile
+def test_importer_packs_only_where_the_gate_allows():
+    """The same graph: packed kernels for the C bundle, the fast unpacked kernels on x86."""
+    from frugalrt.targets.importer import import_onnx
+
+    model, _ = CHAINS["gemm"]
+    kernels = {name: [gv.name_hint for gv in import_onnx(model, tvm_target(name)).functions if "binary" in gv.name_hint]
+               for name in ("cortex-m4", "x86-64-v3")}
+    assert sum("packed" in k for k in kernels["cortex-m4"]) == 3
+    assert kernels["x86-64-v3"] and not any("packed" in k for k in kernels["x86-64-v3"])
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_generic_kernels_on_this_machine_equal_the_reference(chain):
+    """The packed graph compiled for x86-64 (packed nodes always get the generic kernels; the last
+    layer reads packed bits and writes float32) vs the unpacked graph in the reference kernels."""
+    import tvm
+    from tvm import relax
+
+    from frugalrt.targets.importer import import_onnx
+
+    model, x_dims = CHAINS[chain]
+    packed = onnx.ModelProto()
+    packed.CopyFrom(model)
+    assert pack_between_binary(packed) == 2
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    mod = import_onnx(packed, target)
+    assert sum("packed" in gv.name_hint for gv in mod.functions) == 3
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    for batch in (1, 3):
+        x = RNG.standard_normal((batch, *x_dims)).astype(np.float32)
+        x.flat[::5] = 0.0  # sign(0) = +1
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), run(model, [x])[0])
+
+
+@pytest.mark.compile
+def test_c_bundle_with_packed_activations_is_bit_identical_to_the_reference(tmp_path, run_bundle_natively):
+    """Two binary convs, then two binary linears (BatchNorms with negative gammas, Hardtanh), compiled
+    for Cortex-M: the compiler packs conv -> conv and linear -> linear; built natively with gcc."""
+    torch.manual_seed(2)
+    net = nn.Sequential(BinaryConv2d(3, 13, 3, padding=1), nn.BatchNorm2d(13), nn.Hardtanh(),
+                        BinaryConv2d(13, 7, 3, stride=2), nn.BatchNorm2d(7), nn.Hardtanh(), nn.Flatten(),
+                        BinaryLinear(7 * 4 * 3, 19), nn.BatchNorm1d(19), nn.Hardtanh(), BinaryLinear(19, 5))
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 3)
+            m.weight.data.uniform_(-1.5, 1.5)
+    x = torch.randn(4, 3, 9, 7)
+    model = frugalrt.export(net.eval(), (x,), tmp_path / "m.onnx", fold_bn=False)
+    bundle = frugalrt.compile(tmp_path / "m.onnx", "cortex-m4", tmp_path / "m4").lib_path
+    plan = json.loads((bundle / "plan.json").read_text())
+    assert sum("packed" in step["kernel"] for step in plan["steps"]) == 4
+    got = run_bundle_natively(bundle, x.numpy())
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    optimize_graph(folded)  # unpacked: the reference as it runs without the new attributes
+    np.testing.assert_array_equal(got, run(folded, [x.numpy()])[0])
