@@ -187,3 +187,30 @@ def x86_cpu():
         return cache[mcpu]
 
     return get
+
+
+@pytest.fixture
+def binary_net():
+    """``make(c_in, c1, c2, pixels, hidden, seed)``: BinaryConv2d(c_in, c1, pad 1), BN, Hardtanh,
+    BinaryConv2d(c1, c2, stride 2), BN, Hardtanh, Flatten, BinaryLinear(c2 * pixels, hidden), BN,
+    Hardtanh, BinaryLinear(hidden, 5), in eval mode, with random BN statistics and gammas in
+    [-1.5, 1.5] (negative folded scales too); ``pixels`` = the second conv's OH * OW."""
+    import torch
+    from torch import nn
+
+    from frugalrt.nn import BinaryConv2d, BinaryLinear
+
+    def make(c_in: int, c1: int, c2: int, pixels: int, hidden: int, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        net = nn.Sequential(BinaryConv2d(c_in, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.Hardtanh(),
+                            BinaryConv2d(c1, c2, 3, stride=2), nn.BatchNorm2d(c2), nn.Hardtanh(), nn.Flatten(),
+                            BinaryLinear(c2 * pixels, hidden), nn.BatchNorm1d(hidden), nn.Hardtanh(),
+                            BinaryLinear(hidden, 5))
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.2, 3)
+                m.weight.data.uniform_(-1.5, 1.5)
+        return net.eval()
+
+    return make

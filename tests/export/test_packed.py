@@ -7,13 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 import frugalrt
 from frugalrt.errors import ArtifactError, FrugalError
 from frugalrt.export import spec_check
 from frugalrt.export.fold import optimize_graph, pack_between_binary
-from frugalrt.nn import BinaryConv2d, BinaryLinear
 from frugalrt.runtime import reference as ref
 from frugalrt.runtime.ort import run
 
@@ -250,19 +248,10 @@ def test_rewrite_leaves_values_read_otherwise():
     assert _packed(model)[1] == 0
 
 
-def test_optimize_graph_packs_an_exported_binary_net_only_when_asked(tmp_path):
+def test_optimize_graph_packs_an_exported_binary_net_only_when_asked(tmp_path, binary_net):
     """Exported torch net: BinaryConv2d, BN, Hardtanh, BinaryConv2d, BN, Hardtanh, Flatten,
     BinaryLinear, BN, Hardtanh, BinaryLinear: after folding, conv -> conv and linear -> linear pack."""
-    torch.manual_seed(0)
-    net = nn.Sequential(BinaryConv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.Hardtanh(),
-                        BinaryConv2d(12, 9, 3, stride=2), nn.BatchNorm2d(9), nn.Hardtanh(), nn.Flatten(),
-                        BinaryLinear(9 * 3 * 3, 21), nn.BatchNorm1d(21), nn.Hardtanh(), BinaryLinear(21, 5))
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.2, 3)
-            m.weight.data.uniform_(-1.5, 1.5)  # negative gammas: negative folded scales
-    net.eval()
+    net = binary_net(3, 12, 9, 3 * 3, 21, seed=0)
     x = torch.randn(4, 3, 8, 8)
     model = frugalrt.export(net, (x,), tmp_path / "net.onnx", fold_bn=False)
     plain, packed = onnx.ModelProto(), onnx.ModelProto()

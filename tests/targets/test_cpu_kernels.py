@@ -288,14 +288,17 @@ def test_lowerings_reject_inconsistent_shapes(x86_cpu, mcpu, op, consts, attrs, 
 
 def test_kernel_scratch_is_not_heap_memory(scratch_in_registers):
     """Every CPU kernel keeps its scratch in registers (tests/targets/conftest.py says why)."""
-    from frugalrt.targets.kernels import cpu_binary, cpu_binary_conv, cpu_binary_vpopcnt, cpu_butterfly
+    from frugalrt.targets.kernels import arm_binary, cpu_binary, cpu_binary_conv, cpu_binary_vpopcnt, cpu_butterfly
 
     w = ref.pack_bits(RNG.standard_normal((8, 3 * 9)))
+    neon = [ref.pack_bits(RNG.standard_normal((40, 1000))), np.ones(40, np.float32), None, 1000]
     words, row_ids, offset = cpu_binary_conv.repack(w, 3, 3, 3, 6, 6, [1, 1], [1, 1, 1, 1])
     wide = cpu_binary_conv.repack(w, 3, 3, 3, 6, 6, [1, 1], [1, 1, 1, 1], cpu_binary_vpopcnt.LANES)[2]
     kernels = {
         "gemm x86": cpu_binary.binary_gemm_primfunc(1000, 40, 48, True),
-        "gemm aarch64": cpu_binary.binary_gemm_primfunc(1000, 40, 48, False, "aarch64"),
+        "gemm x86 packed nibbles": cpu_binary.binary_gemm_primfunc(1000, 40, 48, False),
+        "gemm aarch64": arm_binary.kernel_inputs(*neon, "aarch64")[0],
+        "gemm armv7": arm_binary.kernel_inputs(*neon, "arm")[0],
         "gemm vpopcnt": cpu_binary_vpopcnt.vpopcnt_gemm_primfunc(300, 40, 64),
         "conv": cpu_binary_conv.binary_conv_primfunc(3, 6, 6, 8, 3, 3, [1, 1], [1, 1, 1, 1], offset.shape[0]),
         "conv vpopcnt": cpu_binary_conv.binary_conv_primfunc(3, 6, 6, 8, 3, 3, [1, 1], [1, 1, 1, 1], wide.shape[0],

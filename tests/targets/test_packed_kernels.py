@@ -8,11 +8,9 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 import frugalrt
 from frugalrt.export.fold import optimize_graph, pack_between_binary
-from frugalrt.nn import BinaryConv2d, BinaryLinear
 from frugalrt.runtime import reference as ref
 from frugalrt.runtime.ort import run
 from frugalrt.targets.kernels.binary import packs_activations, sign_thresholds
@@ -116,20 +114,13 @@ def test_generic_kernels_on_this_machine_equal_the_reference(chain):
 
 
 @pytest.mark.compile
-def test_c_bundle_with_packed_activations_is_bit_identical_to_the_reference(tmp_path, run_bundle_natively):
+def test_c_bundle_with_packed_activations_is_bit_identical_to_the_reference(tmp_path, run_bundle_natively,
+                                                                           binary_net):
     """Two binary convs, then two binary linears (BatchNorms with negative gammas, Hardtanh), compiled
     for Cortex-M: the compiler packs conv -> conv and linear -> linear; built natively with gcc."""
-    torch.manual_seed(2)
-    net = nn.Sequential(BinaryConv2d(3, 13, 3, padding=1), nn.BatchNorm2d(13), nn.Hardtanh(),
-                        BinaryConv2d(13, 7, 3, stride=2), nn.BatchNorm2d(7), nn.Hardtanh(), nn.Flatten(),
-                        BinaryLinear(7 * 4 * 3, 19), nn.BatchNorm1d(19), nn.Hardtanh(), BinaryLinear(19, 5))
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.2, 3)
-            m.weight.data.uniform_(-1.5, 1.5)
+    net = binary_net(3, 13, 7, 4 * 3, 19, seed=2)
     x = torch.randn(4, 3, 9, 7)
-    model = frugalrt.export(net.eval(), (x,), tmp_path / "m.onnx", fold_bn=False)
+    model = frugalrt.export(net, (x,), tmp_path / "m.onnx", fold_bn=False)
     bundle = frugalrt.compile(tmp_path / "m.onnx", "cortex-m4", tmp_path / "m4").lib_path
     plan = json.loads((bundle / "plan.json").read_text())
     assert sum("packed" in step["kernel"] for step in plan["steps"]) == 4
