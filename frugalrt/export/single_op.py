@@ -1,4 +1,5 @@
-"""A one-node ``ai.frugalrt`` ONNX model: the unit that op tests, kernels and benchmarks compile and run.
+"""One-node (and one-op chain) ``ai.frugalrt`` ONNX models: the units that op tests, kernels and
+benchmarks compile and run.
 
 Built by hand (no PyTorch) so that a test of one op depends on the schema alone, not on the exporter.
 """
@@ -32,6 +33,23 @@ def single_op_model(op_type: str, x_dims: list, consts: dict[str, np.ndarray], a
         [node], op_type, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *x_dims])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.asarray(consts[n]), n) for n in names if n])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid(DOMAIN, VERSION)])
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
+def chain_model(op_type: str, x_dims: list, layers: list[tuple[dict, dict[str, np.ndarray]]],
+                opset: int = 18) -> onnx.ModelProto:
+    """``X -> op_type -> op_type -> ...``: node ``n<i>`` of layer ``i`` = (attributes, constants by
+    schema input name, given in input order; initializers named ``<input><i>``), output ``y<i>``."""
+    nodes, inits, x = [], [], "X"
+    for i, (attrs, consts) in enumerate(layers):
+        inits += [numpy_helper.from_array(np.asarray(v), f"{name}{i}") for name, v in consts.items()]
+        nodes.append(helper.make_node(op_type, [x, *(f"{n}{i}" for n in consts)], [f"y{i}"], domain=DOMAIN,
+                                      name=f"n{i}", **attrs))
+        x = f"y{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *x_dims])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid(DOMAIN, VERSION)])
     return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)

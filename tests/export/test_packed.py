@@ -12,6 +12,7 @@ import frugalrt
 from frugalrt.errors import ArtifactError, FrugalError
 from frugalrt.export import spec_check
 from frugalrt.export.fold import optimize_graph, pack_between_binary
+from frugalrt.export.single_op import chain_model
 from frugalrt.runtime import reference as ref
 from frugalrt.runtime.ort import run
 
@@ -176,42 +177,25 @@ def test_ort_runs_the_packed_variants_like_the_reference(packed_in, packed_out, 
 
 # --- the rewrite -----------------------------------------------------------------------------------
 
-def _chain(op_type: str, x_dims: list, layers: list[dict], consumer: str | None = None) -> onnx.ModelProto:
-    """X -> op_type layer 0 -> layer 1 -> ... (each layer: node attrs and constants by schema name)."""
-    nodes, inits, x = [], [], "X"
-    for i, layer in enumerate(layers):
-        names = []
-        for name, value in layer.pop("consts").items():
-            inits.append(numpy_helper.from_array(value, f"{name}{i}"))
-            names.append(f"{name}{i}")
-        nodes.append(helper.make_node(op_type, [x, *names], [f"y{i}"], domain=DOMAIN, name=f"n{i}", **layer))
-        x = f"y{i}"
-    x_info = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *x_dims])
-    graph = helper.make_graph(nodes, "chain", [x_info], [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
-    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-
-
 def _gemm_layer(k, n, act):
     scale, bias = _params(n)
-    return dict(consts={"W_packed": _pack(RNG.random((n, k)) < 0.5), "scale": scale, "B": bias},
-                in_features=k, **ACTIVATIONS[act])
+    return (dict(in_features=k, **ACTIVATIONS[act]),
+            {"W_packed": _pack(RNG.random((n, k)) < 0.5), "scale": scale, "B": bias})
 
 
 def _conv_layer(c, o, kernel, strides, pads, act):
     scale, bias = _params(o)
-    return dict(consts={"W_packed": _pack(RNG.random((o, c * kernel[0] * kernel[1])) < 0.5), "scale": scale,
-                        "B": bias}, in_channels=c, kernel_shape=kernel, strides=strides, pads=pads, **ACTIVATIONS[act])
+    return (dict(in_channels=c, kernel_shape=kernel, strides=strides, pads=pads, **ACTIVATIONS[act]),
+            {"W_packed": _pack(RNG.random((o, c * kernel[0] * kernel[1])) < 0.5), "scale": scale, "B": bias})
 
 
 def gemm_chain() -> onnx.ModelProto:
-    return _chain("BinaryGemm", [77], [_gemm_layer(77, 45, "clip"), _gemm_layer(45, 13, "none"),
+    return chain_model("BinaryGemm", [77], [_gemm_layer(77, 45, "clip"), _gemm_layer(45, 13, "none"),
                                        _gemm_layer(13, 9, "relu")])
 
 
 def conv_chain() -> onnx.ModelProto:
-    return _chain("BinaryConv", [3, 9, 8], [_conv_layer(3, 11, [3, 3], [1, 1], [1, 1, 1, 1], "clip"),
+    return chain_model("BinaryConv", [3, 9, 8], [_conv_layer(3, 11, [3, 3], [1, 1], [1, 1, 1, 1], "clip"),
                                             _conv_layer(11, 37, [3, 2], [2, 1], [1, 0, 2, 1], "none"),
                                             _conv_layer(37, 5, [2, 2], [1, 1], [0, 0, 0, 0], "relu")])
 

@@ -7,16 +7,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 import frugalrt
 from frugalrt.export.fold import optimize_graph, pack_between_binary
+from frugalrt.export.single_op import chain_model
 from frugalrt.runtime import reference as ref
 from frugalrt.runtime.ort import run
 from frugalrt.targets.kernels.binary import packs_activations, sign_thresholds
 from frugalrt.targets.registry import tvm_target
 
-DOMAIN = "ai.frugalrt"
 RNG = np.random.default_rng(11)
 CLIP = {"activation": "clip", "activation_min": -0.3, "activation_max": 0.7}
 
@@ -44,21 +43,6 @@ def test_only_targets_running_the_generic_kernels_pack():
                        "rpi4": False, "armv7": False}
 
 
-def _chain(op_type: str, x_dims: list, layers: list[tuple[dict, dict]]) -> onnx.ModelProto:
-    """X -> layer 0 -> layer 1 -> ... of ``op_type``; each layer (attributes, constants by input name)."""
-    nodes, inits, x = [], [], "X"
-    for i, (attrs, consts) in enumerate(layers):
-        inits += [numpy_helper.from_array(v, f"{name}{i}") for name, v in consts.items()]
-        nodes.append(helper.make_node(op_type, [x, *(f"{n}{i}" for n in consts)], [f"y{i}"], domain=DOMAIN,
-                                      name=f"n{i}", **attrs))
-        x = f"y{i}"
-    x_info = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *x_dims])
-    graph = helper.make_graph(nodes, "chain", [x_info], [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
-    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
-
-
 def _consts(rows: int, k: int) -> dict:
     """Packed weights, a scale with negative and zero entries, a bias hitting Y == 0 (0.5 * 1 - 0.5)."""
     scale, bias = RNG.standard_normal(rows).astype(np.float32), RNG.standard_normal(rows).astype(np.float32)
@@ -67,10 +51,10 @@ def _consts(rows: int, k: int) -> dict:
 
 
 CHAINS = {  # name -> (model, X shape without batch); K, C, N: no multiples of 8, 32 or 64
-    "gemm": (_chain("BinaryGemm", [77], [({"in_features": 77, **CLIP}, _consts(45, 77)),
+    "gemm": (chain_model("BinaryGemm", [77], [({"in_features": 77, **CLIP}, _consts(45, 77)),
                                          ({"in_features": 45}, _consts(13, 45)),
                                          ({"in_features": 13, "activation": "relu"}, _consts(9, 13))]), (77,)),
-    "conv": (_chain("BinaryConv", [3, 9, 8], [
+    "conv": (chain_model("BinaryConv", [3, 9, 8], [
         (dict(in_channels=3, kernel_shape=[3, 3], pads=[1, 1, 1, 1], **CLIP), _consts(11, 27)),
         (dict(in_channels=11, kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 2, 1]), _consts(37, 66)),
         (dict(in_channels=37, kernel_shape=[2, 2], activation="relu"), _consts(5, 148))]), (3, 9, 8)),

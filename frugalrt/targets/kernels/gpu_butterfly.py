@@ -74,6 +74,15 @@ def butterfly_gpu_primfunc(n: int, in_features: int, out_features: int, has_bias
                 dst[r, j] = fadd(fmul(b0, xj), fmul(b1, xi))
         T.tvm_storage_sync("shared")
 
+    @T.macro
+    def store(src, Y, bias, bx, tx, batch):  # the last stage's buffer, truncated, plus the bias: once each
+        for r in T.unroll(rows):
+            for c in T.unroll(per_thread):
+                col: T.let[T.int32] = c * threads + tx
+                row: T.let[T.int64] = bx * rows + r
+                if row < batch and col < out_features:
+                    Y[row, col] = fadd(src[r, col], bias[col]) if has_bias else src[r, col]
+
     @T.prim_func
     def kernel(x: T.handle, coef: T.Buffer((stages, n // 2, 4), "float32"),
                bias: T.Buffer((out_features,), "float32"), y: T.handle):
@@ -98,19 +107,9 @@ def butterfly_gpu_primfunc(n: int, in_features: int, out_features: int, has_bias
                     stage(B, A, 2 * s2 + 1, tx, coef, pairs, threads, rows)
                 if stages % 2 == 1:
                     stage(A, B, stages - 1, tx, coef, pairs, threads, rows)
-                    for r in T.unroll(rows):
-                        for c in T.unroll(per_thread):
-                            col: T.let[T.int32] = c * threads + tx
-                            row: T.let[T.int64] = bx * rows + r
-                            if row < batch and col < out_features:
-                                Y[row, col] = fadd(B[r, col], bias[col]) if has_bias else B[r, col]
+                    store(B, Y, bias, bx, tx, batch)
                 else:
-                    for r in T.unroll(rows):
-                        for c in T.unroll(per_thread):
-                            col: T.let[T.int32] = c * threads + tx
-                            row: T.let[T.int64] = bx * rows + r
-                            if row < batch and col < out_features:
-                                Y[row, col] = fadd(A[r, col], bias[col]) if has_bias else A[r, col]
+                    store(A, Y, bias, bx, tx, batch)
 
     return kernel
 
