@@ -90,14 +90,18 @@ def count(model, target: str, x_shape: list, tmp: str) -> int:
         return count_instructions(artifact, "mps2-an386")["instructions"]
     from frugalrt.runtime.emulator.count import count_instructions
 
-    x = np.random.default_rng(1).standard_normal([1, *x_shape]).astype(np.float32)
+    rng = np.random.default_rng(1)
+    packed = model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8  # packed signs
+    x = (rng.integers(0, 256, [1, *x_shape], dtype=np.uint8) if packed
+         else rng.standard_normal([1, *x_shape]).astype(np.float32))
     result = count_instructions(artifact.lib_path, [x], runs=2)
     return result["instructions"]
 
 
 def binary_cnn_convs(tmp: str) -> list[tuple[str, object, list, int]]:
-    """Each BinaryConv of the exported binary CNN (BatchNorms folded in) as a one-node model:
-    (name, model, input shape without batch, binary MACs per sample)."""
+    """Each BinaryConv of the exported binary CNN (BatchNorms folded in; packed activations between
+    binary layers, as the export writes them) as a one-node model: (name, model, input shape without
+    batch, binary MACs per sample)."""
     import onnx
     import torch
 
@@ -116,11 +120,15 @@ def binary_cnn_convs(tmp: str) -> list[tuple[str, object, list, int]]:
     for i, node in enumerate(n for n in graph.node if n.op_type == "BinaryConv"):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         consts = {k: inits[v] for k, v in zip(("W_packed", "scale", "B"), node.input[1:]) if v}
-        (c, h, w), (o, oh, ow) = dims[node.input[0]], dims[node.output[0]]
+        x_dims, y_dims = dims[node.input[0]], dims[node.output[0]]
+        (h, w), (oh, ow) = [d[:2] if attrs.get(p) else d[1:] for d, p in ((x_dims, "input_packed"),
+                                                                          (y_dims, "output_packed"))]
+        c, o = attrs["in_channels"], consts["W_packed"].shape[0]
         kh, kw = attrs["kernel_shape"]
         stride = attrs.get("strides", [1, 1])[0]
-        out.append((f"binary conv {i + 1}: {kh}x{kw} {c}->{o} s{stride} {h}x{w}",
-                    single_op_model("BinaryConv", [c, h, w], consts, attrs), [c, h, w], o * oh * ow * c * kh * kw))
+        io = "".join(s for s, p in ((" packed in", "input_packed"), (" packed out", "output_packed")) if attrs.get(p))
+        out.append((f"binary conv {i + 1}: {kh}x{kw} {c}->{o} s{stride} {h}x{w}{io}",
+                    single_op_model("BinaryConv", x_dims, consts, attrs), x_dims, o * oh * ow * c * kh * kw))
     return out
 
 

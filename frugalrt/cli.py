@@ -124,6 +124,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace --out even if it is not a .onnx file")
     p.add_argument("--portable", action="store_true",
                    help="standard ONNX ops only (binary weights stay bit-packed), for any ONNX runtime")
+    p.add_argument("--float-activations", action="store_true",
+                   help="keep float32 activations between binary layers (default: packed sign bits, "
+                        "docs/ops.md \"Packed activations\"; custom ops only)")
     p.add_argument("--batch-check", action="store_true",
                    help="also check batch 1 and twice the example batch in ONNX Runtime (dynamic batch)")
 
@@ -155,7 +158,8 @@ def _export(args: argparse.Namespace) -> int:
     model, inputs = load_source(args.source)
     step(f"exporting {type(model).__name__} to {args.out} "
          f"({'standard ops only' if args.portable else 'ai.frugalrt custom ops'}) and checking it (onnx.checker)")
-    proto = export(model, inputs, args.out, portable=args.portable, **out)
+    proto = export(model, inputs, args.out, portable=args.portable, pack_activations=not args.float_activations,
+                   **out)
     step("comparing ONNX Runtime with PyTorch")
     print(summarize(args.out).format())
     model = frozen_copy(model)

@@ -39,11 +39,16 @@ BATCH = "batch"
 
 def export(model: torch.nn.Module, example_inputs: ExampleInputs, path: Union[str, os.PathLike],
            portable: bool = False, metadata: dict[str, str] | None = None, force: bool = False,
-           protect: Sequence[Union[str, os.PathLike]] = (), fold_bn: bool = True) -> onnx.ModelProto:
+           protect: Sequence[Union[str, os.PathLike]] = (), fold_bn: bool = True,
+           pack_activations: bool = True) -> onnx.ModelProto:
     """Export ``model`` to ``path`` (``ai.frugalrt`` custom ops, or standard ops if ``portable``).
 
     ``fold_bn``: fold each BatchNormalization (and constant per-channel Mul/Add/Sub) into the
     layer before it (:func:`frugalrt.export.fold.fold_affine`), so every consumer runs one op less.
+    ``pack_activations`` (custom ops only): a binary layer whose output only feeds binary layers,
+    through folded affine ops and sign-preserving clips, passes them its packed sign bits instead of
+    float32 (docs/ops.md, "Packed activations"; bit-identical). Compiling for a target whose kernels
+    want float activations undoes it.
 
     Returns the saved ``onnx.ModelProto``. Raises :class:`ExportError` naming the cause; on
     error no file is written. A model may carry its own entries (e.g. PAC-Bayes certificates) in a
@@ -61,6 +66,10 @@ def export(model: torch.nn.Module, example_inputs: ExampleInputs, path: Union[st
     proto = to_onnx(model, inputs, portable=portable, name=name)
     if fold_bn:
         fold.fold_affine(proto)
+    if pack_activations and not portable:
+        fold.remove_identity_reshapes(proto)  # e.g. the flatten a BinaryLinear's input gets
+        fold.drop_clips_before_binary(proto)
+        fold.pack_between_binary(proto)
     spec_check.check_model(proto, error=ExportError)  # every ai.frugalrt node against docs/ops.md
     md.set_metadata(proto, {md.VERSION_KEY: frugalrt.__version__,
                             md.SOURCE_KEY: f"{type(model).__module__}.{type(model).__qualname__}",

@@ -20,16 +20,18 @@ into them here, on the ONNX graph, where every consumer (ONNX Runtime, TVM, the 
 * :func:`fuse_activations`: a ``Relu``, or a ``Clip`` with constant bounds, right after an
   ``ai.frugalrt`` op becomes the op's ``activation`` attribute (its output transform applies it:
   bit-identical, docs/ops.md).
-* :func:`pack_between_binary` (only where the caller asks: the importer, for targets whose binary
-  kernels take packed activations): a ``BinaryGemm``/``BinaryConv`` whose output is read only as
-  the ``X`` of other binary ops emits its packed sign bits (``output_packed``) and they read them
-  (``input_packed``): bit-identical, since they binarize it anyway (docs/ops.md).
+* :func:`pack_between_binary` (where the caller asks: the exporter, and the importer for targets
+  whose binary kernels take packed activations): a ``BinaryGemm``/``BinaryConv`` whose output is
+  read only as the ``X`` of other binary ops emits its packed sign bits (``output_packed``) and
+  they read them (``input_packed``): bit-identical, since they binarize it anyway (docs/ops.md).
+  :func:`unpack_between_binary` undoes it for the other targets.
 
 A fold happens only when it is exact in real arithmetic: the folded-away value has no other
 consumer and is no graph output, the constants are float32 initializers (or ``Constant`` nodes)
 that broadcast along the channel axis only, and the folded values are finite. Anything else is
 left as it was. :func:`optimize_graph` runs them in order (what ``frugalrt.compile`` does);
-``frugalrt.export(..., fold_bn=True)`` runs :func:`fold_affine`.
+``frugalrt.export(..., fold_bn=True)`` runs :func:`fold_affine`, and ``pack_activations=True`` the
+identity reshapes, :func:`drop_clips_before_binary` and :func:`pack_between_binary`.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class FoldStats:
     clips: int = 0
     activations: int = 0
     packed: int = 0  # binary ops that now emit packed sign bits (no node removed)
+    unpacked: int = 0  # binary ops that no longer do (a packed file, a target without packed kernels)
 
     @property
     def total(self) -> int:
@@ -61,14 +64,17 @@ class FoldStats:
 
 def optimize_graph(model: onnx.ModelProto, pack_bits: bool = False) -> FoldStats:
     """Identity reshapes, then affine folding, then sign-preserving clips before binary ops, then
-    activations into the ops, then (``pack_bits``: only for consumers whose binary kernels take
-    packed activations) packed sign bits between binary ops (in place)."""
+    activations into the ops, then packed sign bits between binary ops where ``pack_bits`` (the
+    target's binary kernels take them), float activations there otherwise (in place)."""
     stats = FoldStats()
     stats.reshapes = remove_identity_reshapes(model)
     stats.affine = fold_affine(model)
     stats.clips = drop_clips_before_binary(model)
     stats.activations = fuse_activations(model)
-    stats.packed = pack_between_binary(model) if pack_bits else 0
+    if pack_bits:
+        stats.packed = pack_between_binary(model)
+    else:
+        stats.unpacked = unpack_between_binary(model)
     return stats
 
 
@@ -556,3 +562,24 @@ def pack_between_binary(model: onnx.ModelProto) -> int:
         _pack_value_info(g, node)
         packed += 1
     return packed
+
+
+def unpack_between_binary(model: onnx.ModelProto) -> int:
+    """Undo :func:`pack_between_binary` where a packed output is read only by binary ops (for
+    targets whose kernels want float activations); the count. Exact for the same reason."""
+    g = _Graph(model)
+    unpacked = 0
+    for node in model.graph.node:
+        if not _is_binary(node) or not _attr(node, "output_packed", 0):
+            continue
+        y = node.output[0]
+        users = g.consumers.get(y, [])
+        if y in g.outputs or not all(_reads_as_x(u, y) for u in users):
+            continue
+        for n in (node, *users):
+            name = "output_packed" if n is node else "input_packed"
+            n.attribute.remove(next(a for a in n.attribute if a.name == name))
+        g.drop_value_info(y)  # shape inference gives it again, float32 NCHW
+        unpacked += 1
+    return unpacked
+

@@ -162,8 +162,8 @@ SCHEMAS: dict[str, tuple[OpSchema, Callable]] = {
     ), _inference("BinaryGemm", _binary_gemm_dims)),
     "BinaryConv": (OpSchema(
         "BinaryConv", DOMAIN, VERSION,
-        "NCHW convolution of sign(X) (zero padding contributes 0) with bit-packed sign(W), "
-        "times a per-channel scale, plus B (docs/ops.md).",
+        "NCHW convolution of sign(X) (padded taps contribute 0, or read +1 with pad_value = 1) with "
+        "bit-packed sign(W), times a per-channel scale, plus B (docs/ops.md).",
         inputs=[_float("X", "[batch, C, H, W] (packed: [batch, H, W, ceil(C/8)])", type_str="T1"), _PACKED,
                 _float("scale", "[O]"), _float("B", "[O] bias", optional=True)],
         outputs=[_float("Y", "[batch, O, OH, OW] (packed: [batch, OH, OW, ceil(O/8)])", type_str="T2")],
@@ -172,6 +172,9 @@ SCHEMAS: dict[str, tuple[OpSchema, Callable]] = {
                     _Attr("kernel_shape", _AT.INTS, "[kh, kw]", required=True),
                     _Attr("strides", helper.make_attribute("strides", [1, 1]), "[sh, sw]"),
                     _Attr("pads", helper.make_attribute("pads", [0, 0, 0, 0]), "[top, left, bottom, right]"),
+                    # no schema default (absent = 0), so that files without one-padding carry none
+                    _Attr("pad_value", _AT.INT, "what a padded tap reads: absent/0: 0 (contributes 0), "
+                          "1: +1 (Larq's one-padding)", required=False),
                     *_ACTIVATION, *_PACKING],
     ), _inference("BinaryConv", _binary_conv_dims)),
 }

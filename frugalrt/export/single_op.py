@@ -19,7 +19,9 @@ def single_op_model(op_type: str, x_dims: list, consts: dict[str, np.ndarray], a
 
     ``consts`` become initializers named after the schema's inputs (``twiddles``, ``W_packed``,
     ``scale``, ``B``); an optional input left out of ``consts`` is omitted from the node. Y's shape
-    is the schema's inferred one. The model passes ``onnx.checker.check_model(full_check=True)``.
+    is the schema's inferred one. X and Y are float32, or uint8 packed signs where ``attrs`` say
+    ``input_packed`` / ``output_packed`` (docs/ops.md). The model passes
+    ``onnx.checker.check_model(full_check=True)``.
     """
     params = [p.name for p in SCHEMAS[op_type][0].inputs[1:]]
     unknown = set(consts) - set(params)
@@ -30,12 +32,16 @@ def single_op_model(op_type: str, x_dims: list, consts: dict[str, np.ndarray], a
         names.pop()
     node = helper.make_node(op_type, ["X", *names], ["Y"], domain=DOMAIN, **attrs)
     graph = helper.make_graph(
-        [node], op_type, [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", *x_dims])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [node], op_type, [helper.make_tensor_value_info("X", _elem_type(attrs, "input_packed"), ["batch", *x_dims])],
+        [helper.make_tensor_value_info("Y", _elem_type(attrs, "output_packed"), None)],
         [numpy_helper.from_array(np.asarray(consts[n]), n) for n in names if n])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
                                                     helper.make_opsetid(DOMAIN, VERSION)])
     return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
+def _elem_type(attrs: dict, packed: str) -> int:
+    return TensorProto.UINT8 if attrs.get(packed) else TensorProto.FLOAT
 
 
 def chain_model(op_type: str, x_dims: list, layers: list[tuple[dict, dict[str, np.ndarray]]],

@@ -5,10 +5,10 @@
 (dims, ``None`` where unknown): twiddles ``[log2 N, N/2, 2, 2]`` with N a power of two vs
 ``out_features`` and the input width; ``W_packed`` ``[rows, ceil(K/8)]`` uint8 vs ``in_features``
 or ``in_channels * kh * kw`` (pad bits 0); ``scale`` and ``B`` one value per output;
-``kernel_shape``, ``strides``, ``pads`` (lengths, signs) and an output of at least 1x1; the input's
-width or channels; the binary ops' ``input_packed``/``output_packed`` (0 or 1; a packed X is uint8,
-``[batch, ceil(K/8)]`` or ``[batch, H, W, ceil(C/8)]``); finite parameters. A violation raises
-``error`` with one line, e.g.::
+``kernel_shape``, ``strides``, ``pads`` (lengths, signs), ``pad_value`` (0 or 1) and an output of at
+least 1x1; the input's width or channels; the binary ops' ``input_packed``/``output_packed`` (0 or 1;
+a packed X is uint8, ``[batch, ceil(K/8)]`` or ``[batch, H, W, ceil(C/8)]``); finite parameters. A
+violation raises ``error`` with one line, e.g.::
 
     node node_binary_gemm (BinaryGemm): input scale has 3 values, expected 4 (one per output row of W_packed)
 
@@ -91,6 +91,7 @@ def _binary_conv(attrs: Mapping, shapes: Mapping, values: Mapping) -> None:
     kh, kw = _ints_attr(attrs, "kernel_shape", 2, 1, "[kh, kw]")
     strides = _ints_attr(attrs, "strides", 2, 1, "[sh, sw]")
     pads = _ints_attr(attrs, "pads", 4, 0, "[top, left, bottom, right]")
+    _flag(attrs, "pad_value")  # what a padded tap reads: 0 (contributes 0) or +1
     packed = _flag(attrs, "input_packed")
     x = shapes.get("X")
     if x is not None:
@@ -122,7 +123,7 @@ PACKABLE = ("BinaryGemm", "BinaryConv")  # the ops with input_packed / output_pa
 
 
 def _flag(attrs: Mapping, name: str) -> bool:
-    """A 0/1 attribute (absent: 0): input_packed, output_packed."""
+    """A 0/1 attribute (absent: 0): input_packed, output_packed, BinaryConv's pad_value."""
     value = attrs.get(name, 0)
     if not _is_int(value) or value not in (0, 1):
         raise _Mismatch(f"attribute {name} is {_show(value)}, expected 0 or 1")

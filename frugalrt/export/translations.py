@@ -62,9 +62,10 @@ def _binary_gemm(x, w_packed, scale, bias=None, in_features: int = 0):
 
 @translation("custom", "binary_conv")
 def _binary_conv(x, w_packed, scale, bias=None, in_channels: int = 0, kernel_shape=(), strides=(1, 1),
-                 pads=(0, 0, 0, 0)):
+                 pads=(0, 0, 0, 0), pad_value: int = 0):
+    one_padding = {"pad_value": int(pad_value)} if pad_value else {}  # absent = 0: older files stay identical
     return frugal.BinaryConv(*_present(x, w_packed, scale, bias), in_channels=in_channels,
-                             kernel_shape=list(kernel_shape), strides=list(strides), pads=list(pads))
+                             kernel_shape=list(kernel_shape), strides=list(strides), pads=list(pads), **one_padding)
 
 
 # --- portable mode: standard ONNX ops only --------------------------------------------------------
@@ -126,10 +127,14 @@ def _binary_gemm_portable(x, w_packed, scale, bias=None, in_features: int = 0):
 
 @translation("portable", "binary_conv")
 def _binary_conv_portable(x, w_packed, scale, bias=None, in_channels: int = 0, kernel_shape=(), strides=(1, 1),
-                          pads=(0, 0, 0, 0)):
+                          pads=(0, 0, 0, 0), pad_value: int = 0):
     kh, kw = (int(v) for v in kernel_shape)
+    pt, pl, pb, pr = (int(v) for v in pads)
     w = op.Reshape(_unpacked_signs(w_packed, in_channels * kh * kw), _ints(-1, in_channels, kh, kw))
-    # Conv's own zero padding pads sign(x), so padded taps contribute 0, as the spec requires.
-    counts = op.Conv(_sign(x), w, kernel_shape=[kh, kw], strides=[int(v) for v in strides],
-                     pads=[int(pads[0]), int(pads[1]), int(pads[2]), int(pads[3])])
+    xs = _sign(x)
+    if pad_value:  # padded taps read +1: pad sign(x) with ones, then an unpadded Conv
+        xs = op.Pad(xs, _ints(0, 0, pt, pl, 0, 0, pb, pr), op.Constant(value_float=1.0))
+        pt = pl = pb = pr = 0
+    # otherwise Conv's own zero padding pads sign(x), so padded taps contribute 0, as the spec requires.
+    counts = op.Conv(xs, w, kernel_shape=[kh, kw], strides=[int(v) for v in strides], pads=[pt, pl, pb, pr])
     return _scale_bias(counts, scale, bias, (1, -1, 1, 1))

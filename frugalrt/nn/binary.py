@@ -101,16 +101,24 @@ def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
 class BinaryConv2d(_Binary):
     """Binary 2-D convolution (NCHW, no groups/dilation).
 
-    Padding semantics: the input is binarized first, then zero-padded, so a padded position
-    contributes 0 to the sum (it is neither +1 nor -1) — exactly ``conv2d(sign(x), sign(W))`` with
-    zero padding. Every backend (reference, ONNX Runtime, TVM, C) implements the same rule.
+    Padding semantics: the input is binarized first, then padded. With ``pad_value=0`` a padded
+    position contributes 0 to the sum (it is neither +1 nor -1) — exactly ``conv2d(sign(x),
+    sign(W))`` with zero padding. With ``pad_value=1`` it reads +1 (Larq Compute Engine's default:
+    every tap is a sign, so kernels need no border mask) — ``conv2d(F.pad(sign(x), value=1),
+    sign(W))``. Every backend (reference, ONNX Runtime, TVM, C) implements the same rule.
     """
 
+    pad_value: int = 0  # (also for layers pickled before the attribute existed)
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Union[int, Sequence[int]],
-                 stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0, bias: bool = True):
+                 stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int]] = 0, bias: bool = True,
+                 pad_value: int = 0):
         super().__init__()
+        if pad_value not in (0, 1):
+            raise ValueError(f"BinaryConv2d: pad_value must be 0 or 1, got {pad_value!r}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        self.pad_value = int(pad_value)
         kh, kw = self.kernel_size
         self._init_params((self.out_channels, self.in_channels, kh, kw), self.in_channels * kh * kw, bias)
 
@@ -120,14 +128,17 @@ class BinaryConv2d(_Binary):
         ph, pw = self.padding
         if self.frozen:
             return ops.binary_conv(x, self.weight_packed, self.weight_scale_, self.bias, self.in_channels,
-                                   list(self.kernel_size), list(self.stride), [ph, pw, ph, pw])
-        y = F.conv2d(sign_ste(x), sign_ste(self.weight), stride=self.stride, padding=self.padding)
+                                   list(self.kernel_size), list(self.stride), [ph, pw, ph, pw], self.pad_value)
+        if self.pad_value:  # pad the signs with +1 (a constant border: no gradient flows to it)
+            y = F.conv2d(F.pad(sign_ste(x), (pw, pw, ph, ph), value=1.0), sign_ste(self.weight), stride=self.stride)
+        else:
+            y = F.conv2d(sign_ste(x), sign_ste(self.weight), stride=self.stride, padding=self.padding)
         y = y * self.weight_scale().reshape(1, -1, 1, 1)
         return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, frozen={self.frozen}")
+                f"stride={self.stride}, padding={self.padding}, pad_value={self.pad_value}, frozen={self.frozen}")
 
 
 def freeze(model: nn.Module) -> nn.Module:

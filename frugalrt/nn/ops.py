@@ -103,15 +103,18 @@ def _(x, w_packed, scale, bias, in_features):
 
 @torch.library.custom_op("frugalrt::binary_conv", mutates_args=())
 def binary_conv(x: Tensor, w_packed: Tensor, scale: Tensor, bias: Optional[Tensor], in_channels: int,
-                kernel_shape: list[int], strides: list[int], pads: list[int]) -> Tensor:
+                kernel_shape: list[int], strides: list[int], pads: list[int], pad_value: int = 0) -> Tensor:
+    if pad_value not in (0, 1):
+        raise ValueError(f"binary_conv: pad_value must be 0 or 1, got {pad_value}")
     kh, kw = kernel_shape
     w = unpack_signs(w_packed, in_channels * kh * kw).reshape(-1, in_channels, kh, kw)
-    xs = F.pad(sign(x), (pads[1], pads[3], pads[0], pads[2]))  # zero pad AFTER sign: contributes 0
+    # pad AFTER sign: a zero tap contributes 0, a one tap (pad_value = 1) reads +1
+    xs = F.pad(sign(x), (pads[1], pads[3], pads[0], pads[2]), value=float(pad_value))
     return _binary_out(F.conv2d(xs, w, stride=tuple(strides)), scale, bias, 1).contiguous()
 
 
 @binary_conv.register_fake
-def _(x, w_packed, scale, bias, in_channels, kernel_shape, strides, pads):
+def _(x, w_packed, scale, bias, in_channels, kernel_shape, strides, pads, pad_value=0):
     oh = (x.shape[2] + pads[0] + pads[2] - kernel_shape[0]) // strides[0] + 1
     ow = (x.shape[3] + pads[1] + pads[3] - kernel_shape[1]) // strides[1] + 1
     return x.new_empty((x.shape[0], w_packed.shape[0], oh, ow))

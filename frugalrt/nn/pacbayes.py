@@ -13,7 +13,8 @@ al., NeurIPS 2019) and one real-valued layer first:
   s = sign(W) ~ Bernoulli(Phi(mu / sigma)) reaches the output, so KL and densities are those of the
   signs (<= the Gaussian KL by data processing). Pre-activations ``sum_j s_kj a_j + b_k``.
 * :class:`GaussianBinaryConv2d` (``BinaryConv2d``): the same over a convolution's latent weights;
-  one network's signs are shared by all positions of an image, and zero-padded taps contribute 0.
+  one network's signs are shared by all positions of an image, and padded taps contribute 0 (or,
+  with ``pad_value=1``, read a +1 input, as ``BinaryConv2d``'s one-padding does).
   :class:`BinaryActivatedConvNet` stacks them on an image, then ``GaussianBinaryLinear`` layers.
 
 Training minimizes fclassic, fquad or flamb (:data:`OBJECTIVES`) with a surrogate risk computed from
@@ -286,14 +287,18 @@ class GaussianBinaryConv2d(_GaussianSigns):
     """``BinaryConv2d`` (scale 1, NCHW, stride and zero padding) on +-1 inputs: latent W [out, in, kh, kw]
     ~ N(mu, sigma^2), weights s = sign(W), P[s = +1] = Phi(mu / sigma) independently; Gaussian bias.
     KL and log-densities are those of the signs. Pre-activation at an output position:
-    ``sum over in-image taps of s a + b`` (a padded tap contributes 0, as in ``BinaryConv2d``); one
-    network's signs are shared by every position of the image."""
+    ``sum over in-image taps of s a + b`` (a padded tap contributes 0, as in ``BinaryConv2d``; with
+    ``pad_value=1`` it is a deterministic input a = +1, so every formula below holds on the padded
+    input); one network's signs are shared by every position of the image."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 sigma: float = 1.0, sigma_bias: float = 1.0):
+                 sigma: float = 1.0, sigma_bias: float = 1.0, pad_value: int = 0):
         super().__init__()
+        if pad_value not in (0, 1):
+            raise ValueError(f"GaussianBinaryConv2d: pad_value must be 0 or 1, got {pad_value!r}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride, self.padding = _pair(kernel_size), _pair(stride), _pair(padding)
+        self.pad_value = int(pad_value)
         latent = 0.1 * torch.randn(self.out_channels, self.in_channels, *self.kernel_size)
         self.weight = GaussianParameter(latent, sigma)
         self.bias = GaussianParameter(torch.zeros(self.out_channels), sigma_bias)
@@ -304,13 +309,16 @@ class GaussianBinaryConv2d(_GaussianSigns):
         return self.out_channels, (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
 
     def _conv(self, a: Tensor, w: Tensor, groups: int = 1) -> Tensor:
+        if self.pad_value:  # padded taps are inputs fixed at +1 (mean 1, square 1)
+            ph, pw = self.padding
+            return F.conv2d(F.pad(a, (pw, pw, ph, ph), value=1.0), w, stride=self.stride, groups=groups)
         return F.conv2d(a, w, stride=self.stride, padding=self.padding, groups=groups)  # zero padding
 
     def moments(self, a_mean: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of each pre-activation given independent +-1 inputs of mean ``a_mean``
         [batch, in, H, W]: the in-image taps' terms s a are independent +-1 variables of mean E[s] E[a]
         (distinct weights, distinct inputs), so the variance is (number of in-image taps) - sum (E[s]
-        E[a])^2 + sigma_b^2; padded taps add nothing to either."""
+        E[a])^2 + sigma_b^2; padded taps add nothing to either (``pad_value=1``: they count, with a = +1)."""
         w = torch.erf(self._t() / _SQRT2).to(a_mean.dtype)  # E[s] = 2 Phi - 1
         bias_mu, bias_var = (v.to(a_mean.dtype).reshape(1, -1, 1, 1) for v in (self.bias.mu, self.bias.sigma ** 2))
         taps = self._conv(torch.ones_like(a_mean[:1]), torch.ones_like(w[:1]))  # [1, 1, OH, OW]
@@ -329,9 +337,10 @@ class GaussianBinaryConv2d(_GaussianSigns):
             return z.reshape(draws, batch, self.out_channels, *z.shape[-2:]) + b[..., None, None]
 
     def deploy(self, drawn: Optional[dict[str, Tensor]] = None) -> BinaryConv2d:
-        """Frozen ``BinaryConv2d``: conv2d(sign(a), s) + b exactly, zero padding after the sign (scale 1;
-        signs of mu if not drawn)."""
-        layer = BinaryConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding)
+        """Frozen ``BinaryConv2d``: conv2d(sign(a), s) + b exactly, padding (``pad_value``) after the sign
+        (scale 1; signs of mu if not drawn)."""
+        layer = BinaryConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                             pad_value=self.pad_value)
         return self._frozen(layer, drawn)
 
 
@@ -423,14 +432,16 @@ class BinaryActivatedConvNet(BinaryActivatedNet):
     :class:`BinaryActivatedNet` (:func:`fit`, :func:`certify`, :func:`deploy`).
 
     ``conv``: one ``(out_channels, kernel_size[, stride[, padding]])`` per :class:`GaussianBinaryConv2d`;
-    ``hidden``: widths of the binary linear layers after them. There is no real-valued layer: the first
-    convolution binarizes the input (sign(0) = +1), as the deployed ``BinaryConv2d`` does, so the input
-    should be centered (e.g. pixels in [0, 1] minus 0.5). The surrogate (:meth:`moments`) takes the
-    units of a layer as independent, although the positions of a convolution share their weights.
+    ``hidden``: widths of the binary linear layers after them; ``pad_value``: every convolution's
+    (0: padded taps contribute 0; 1: they read +1, see ``BinaryConv2d``). There is no real-valued
+    layer: the first convolution binarizes the input (sign(0) = +1), as the deployed ``BinaryConv2d``
+    does, so the input should be centered (e.g. pixels in [0, 1] minus 0.5). The surrogate
+    (:meth:`moments`) takes the units of a layer as independent, although the positions of a
+    convolution share their weights.
     """
 
     def __init__(self, image_shape: Sequence[int], conv: Sequence[Sequence[int]], hidden: Sequence[int],
-                 classes: int, *, sigma_binary: float = 1.0, sigma_bias: float = 1.0):
+                 classes: int, *, sigma_binary: float = 1.0, sigma_bias: float = 1.0, pad_value: int = 0):
         nn.Module.__init__(self)  # no real-valued first layer: BinaryActivatedNet's __init__ does not apply
         if not conv:
             raise ValueError("BinaryActivatedConvNet: conv is empty (use BinaryActivatedNet)")
@@ -441,7 +452,8 @@ class BinaryActivatedConvNet(BinaryActivatedNet):
                 raise ValueError(f"BinaryActivatedConvNet: conv entry {spec!r}, "
                                  "expected (out_channels, kernel_size[, stride[, padding]])")
             out, kernel, stride, padding = (*spec, *(1, 0)[len(spec) - 2:])
-            layers.append(GaussianBinaryConv2d(shape[0], out, kernel, stride, padding, sigma_binary, sigma_bias))
+            layers.append(GaussianBinaryConv2d(shape[0], out, kernel, stride, padding, sigma_binary, sigma_bias,
+                                               pad_value))
             shape = layers[-1].output_shape(*shape[1:])
             if min(shape) < 1:
                 raise ValueError(f"BinaryActivatedConvNet: convolution {len(layers)} leaves an empty image {shape}")

@@ -6,7 +6,8 @@ so the session runs a rewritten copy of the model: a node without the optional b
 ``output_packed``) the ``<Op>PackedIn`` / ``PackedOut`` / ``PackedInPackedOut`` variant (suffixes
 in that order, e.g. ``BinaryGemmPackedOutNoBias``; the variant carries those flags), and int-list
 and string attributes (BinaryConv's ``kernel_shape``, ``strides``, ``pads``, every op's
-``activation``; schema defaults filled in) become JSON strings. These ops serve validation, not speed.
+``activation``) become JSON strings; absent attributes get their defaults (e.g. BinaryConv's
+``pad_value`` 0). These ops serve validation, not speed.
 
 A malformed model never reaches ONNX Runtime: :func:`make_session` checks every ``ai.frugalrt``
 node against its spec first (:func:`frugalrt.export.spec_check.check_model`). An exception that
@@ -40,8 +41,11 @@ _ACTIVATION = {"activation": _S, "activation_min": _F, "activation_max": _F}  # 
 _SIGNATURES = {
     "Butterfly": ([_F, _F], {"out_features": _I, **_ACTIVATION}),
     "BinaryGemm": ([_F, _U8, _F], {"in_features": _I, **_ACTIVATION}),
-    "BinaryConv": ([_F, _U8, _F], {"in_channels": _I, "kernel_shape": _S, "strides": _S, "pads": _S, **_ACTIVATION}),
+    "BinaryConv": ([_F, _U8, _F], {"in_channels": _I, "kernel_shape": _S, "strides": _S, "pads": _S,
+                                   "pad_value": _I, **_ACTIVATION}),
 }
+# attributes without a schema default (so that exported files carry none), and their value when absent
+_DEFAULTS = {**ACTIVATION_DEFAULTS, "pad_value": 0}
 NO_BIAS = "NoBias"
 PACKED_IN, PACKED_OUT = "PackedIn", "PackedOut"
 _VARIANTS: dict[str, str] = {}  # custom op type of every declared variant -> the ai.frugalrt op it runs
@@ -122,7 +126,7 @@ def session_model(model: onnx.ModelProto) -> onnx.ModelProto:
                                 bool(given.get("output_packed")))
         del node.attribute[:]
         for name, kind in attr_types.items():
-            value = given.get(name, ACTIVATION_DEFAULTS.get(name))
+            value = given.get(name, _DEFAULTS.get(name))
             if value is None:
                 value = helper.get_attribute_value(schema.attributes[name].default_value)
             if kind == _S:  # int lists and strings travel as JSON

@@ -165,12 +165,13 @@ def conv_output_size(size: int, kernel: int, stride: int, pad_begin: int, pad_en
 def binary_conv(x: np.ndarray, w_packed: np.ndarray, scale: np.ndarray,
                 bias: Optional[np.ndarray] = None, *, in_channels: int, kernel_shape: Sequence[int],
                 strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0), input_packed: int = 0,
-                output_packed: int = 0, **activation) -> np.ndarray:
-    """2-D binary convolution (NCHW): sign(X) zero-padded, correlated with sign(W), times scale.
+                output_packed: int = 0, pad_value: int = 0, **activation) -> np.ndarray:
+    """2-D binary convolution (NCHW): sign(X) padded, correlated with sign(W), times scale.
 
     w_packed: [O, ceil(C*kh*kw/8)] uint8 packing W[o] flattened in (c, i, j) order.
-    pads: [top, left, bottom, right]. A padded position contributes 0 (it is neither +1 nor -1),
-    exactly like ``conv2d(sign(x), sign(w), padding)`` in PyTorch.
+    pads: [top, left, bottom, right]. ``pad_value`` 0: a padded position contributes 0 (it is
+    neither +1 nor -1), exactly like ``conv2d(sign(x), sign(w), padding)`` in PyTorch; 1: it reads
+    +1 (Larq Compute Engine's one-padding), ``conv2d(F.pad(sign(x), value=1), sign(w))``.
     ``input_packed``: X is [batch, H, W, ceil(C/8)] uint8, each pixel's channel signs packed;
     ``output_packed``: Y is [batch, OH, OW, ceil(O/8)] uint8, the sign bits of the float result.
     """
@@ -178,6 +179,8 @@ def binary_conv(x: np.ndarray, w_packed: np.ndarray, scale: np.ndarray,
     sh, sw = (int(v) for v in strides)
     pt, pl, pb, pr = (int(v) for v in pads)
     c = int(in_channels)
+    if pad_value not in (0, 1):
+        raise ValueError(f"BinaryConv: pad_value must be 0 or 1, got {pad_value!r}")
     if input_packed:
         if np.ndim(x) != 4 or np.shape(x)[3] != (c + 7) // 8:
             raise ValueError(f"BinaryConv: packed X must be [batch, H, W, {(c + 7) // 8}], got shape {np.shape(x)}")
@@ -193,7 +196,7 @@ def binary_conv(x: np.ndarray, w_packed: np.ndarray, scale: np.ndarray,
     oh, ow = conv_output_size(h, kh, sh, pt, pb), conv_output_size(w, kw, sw, pl, pr)
     if oh <= 0 or ow <= 0:
         raise ValueError(f"BinaryConv: empty output {oh}x{ow} for input {h}x{w}, kernel {kh}x{kw}")
-    xs = np.zeros((b, c, h + pt + pb, w + pl + pr), dtype=np.int32)
+    xs = np.full((b, c, h + pt + pb, w + pl + pr), int(pad_value), dtype=np.int32)
     xs[:, :, pt:pt + h, pl:pl + w] = signs
     cols = np.empty((b, oh, ow, c, kh, kw), dtype=np.int32)
     for i in range(kh):

@@ -8,10 +8,10 @@ weights are refused (:func:`frugalrt.export.spec_check.check_model`), so a malfo
 one line before any Relax is built. The graph is then simplified on a copy
 (:func:`frugalrt.export.fold.optimize_graph`: BatchNorm and per-channel constant affines folded into
 the neighbouring op, identity reshapes and sign-preserving clips before binary ops removed,
-activations fused into the ops and, for targets whose binary kernels take them, packed sign bits
-between binary ops: :func:`frugalrt.targets.kernels.binary.packs_activations`), and custom nodes
-are renamed to unique op types (``ai.frugalrt::Butterfly@v1``) for the frontend, which ignores
-domains.
+activations fused into the ops and packed sign bits between binary ops where the target's binary
+kernels take them, float32 there otherwise: :func:`frugalrt.targets.kernels.binary.packs_activations`),
+and custom nodes are renamed to unique op types (``ai.frugalrt::Butterfly@v1``) for the frontend,
+which ignores domains.
 """
 from __future__ import annotations
 

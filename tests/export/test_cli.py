@@ -52,6 +52,21 @@ def test_example_binary_weights_take_at_most_a_25th_of_float32(digits):
     assert all(l.ratio <= 1 / 25 for l in summarize(path).layers if l.op == "BinaryLinear")
 
 
+def test_float_activations_flag_keeps_float32_between_binary_layers(digits, tmp_path):
+    """By default the first BinaryGemm passes packed sign bits to the second; ``--float-activations``
+    keeps float32 there, with bit-identical outputs in ONNX Runtime."""
+    _, packed = digits
+    out = tmp_path / "float.onnx"
+    assert main(["export", f"{EXAMPLE}:build", "--out", str(out), "--float-activations"]) == 0
+
+    def flags(path):
+        return [a.name for n in onnx.load(path).graph.node for a in n.attribute if a.name.endswith("_packed")]
+
+    assert flags(packed) == ["output_packed", "input_packed"] and flags(out) == []
+    inputs, _ = read_golden(packed)
+    np.testing.assert_array_equal(run(packed, inputs)[0], run(out, inputs)[0])
+
+
 def test_pt2_archive_with_example_inputs(tmp_path, capsys):
     torch.manual_seed(0)
     model = freeze(torch.nn.Sequential(ButterflyLinear(12, 8), torch.nn.ReLU(), BinaryLinear(8, 3))).eval()

@@ -32,6 +32,12 @@ def convs():
                          BinaryConv2d(3, 6, 1, bias=False))
 
 
+def one_padded_convs():
+    """pad_value=1 twice; the second reads the first's packed sign bits (65 channels: 9 bytes a pixel)."""
+    return nn.Sequential(BinaryConv2d(3, 65, 3, padding=1, pad_value=1),
+                         BinaryConv2d(65, 5, 3, stride=(2, 1), padding=(1, 0), bias=False, pad_value=1))
+
+
 B_C = {"custom": EXACT}  # portable mode only where a row says so (each export costs ~1 s)
 B_CP = {"custom": EXACT, "portable": FLOAT}
 # (name, model factory, input shape without batch, tolerance per mode); oracle: the frozen torch model
@@ -42,6 +48,9 @@ CASES = [
     ("binary 100->37 no bias", lambda: BinaryLinear(100, 37, bias=False), (100,), B_CP),
     ("conv 3x3 stride (2,1) pad 1", lambda: BinaryConv2d(3, 4, 3, stride=(2, 1), padding=1), (3, 8, 7), B_CP),
     ("conv 1x3 stride 2 pad (0,2) -> 1x1, no bias", convs, (2, 5, 9), B_C),
+    ("conv 3x3 stride (2,1) pad (1,2), pad_value 1",
+     lambda: BinaryConv2d(3, 4, 3, stride=(2, 1), padding=(1, 2), pad_value=1), (3, 8, 7), B_CP),
+    ("one-padded convs, packed between", one_padded_convs, (3, 6, 5), B_CP),
     ("mlp butterfly+binary+linear", mlp, (20,), {"custom": ARGMAX, "portable": ARGMAX}),
 ]
 MODES = ["custom", "portable"]
@@ -144,7 +153,37 @@ def test_optional_bias_is_omitted(exported):
     node = [n for n in proto.graph.node if n.domain == "ai.frugalrt"][1]
     assert node.op_type == "BinaryConv" and len(node.input) == 3
     attrs = {a.name: list(a.ints) or a.i for a in node.attribute}
-    assert attrs == {"in_channels": 3, "kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0]}
+    # input_packed: its X comes only from the first binary conv, which emits packed sign bits
+    assert attrs == {"in_channels": 3, "kernel_shape": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0],
+                     "input_packed": 1}
+
+
+def test_pad_value_is_written_only_where_one(exported):
+    """Custom ops: pad_value = 1 on each one-padded BinaryConv (with packed X or Y alike); a zero-padded
+    one carries no pad_value (its files stay as they were)."""
+    _, _, proto, _ = exported("one-padded convs, packed between", "custom")
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in proto.graph.node if n.op_type == "BinaryConv"]
+    assert [(a.get("pad_value"), a.get("input_packed"), a.get("output_packed")) for a in attrs] == \
+        [(1, None, 1), (1, 1, None)]
+    _, _, proto, _ = exported("conv 3x3 stride (2,1) pad 1", "custom")
+    assert not any(a.name == "pad_value" for n in proto.graph.node for a in n.attribute)
+
+
+def test_portable_one_padding_runs_in_stock_onnx_runtime(exported):
+    """Portable mode pads sign(x) with ones (Pad, constant 1.0), then runs an unpadded Conv."""
+    import onnxruntime as ort
+
+    model, x, proto, _ = exported("one-padded convs, packed between", "portable")
+    pads = [n for n in proto.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert all(list(a.ints) == [0, 0, 0, 0] for n in convs for a in n.attribute if a.name == "pads")
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        want = freeze(copy.deepcopy(model)).eval()(x).numpy()
+    _check(got, want, FLOAT)
 
 
 @pytest.mark.parametrize("mode", MODES)

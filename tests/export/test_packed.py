@@ -71,7 +71,8 @@ def test_reference_binary_gemm_packed_matches_torch(packed_in, packed_out, act):
 @pytest.mark.parametrize("act", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("packed_in,packed_out", [(0, 1), (1, 0), (1, 1)])
 @pytest.mark.parametrize("strides,pads", [([1, 1], [1, 1, 1, 1]), ([2, 1], [1, 0, 2, 1])])
-def test_reference_binary_conv_packed_matches_torch(packed_in, packed_out, act, strides, pads):
+@pytest.mark.parametrize("pad_value", [0, 1])
+def test_reference_binary_conv_packed_matches_torch(packed_in, packed_out, act, strides, pads, pad_value):
     c, o, (h, wd), (kh, kw), batch = 11, 10, (7, 6), (3, 2), 2
     signs = np.where(RNG.random((batch, c, h, wd)) < 0.5, -1.0, 1.0).astype(np.float32)
     w = RNG.standard_normal((o, c, kh, kw)).astype(np.float32)
@@ -79,8 +80,9 @@ def test_reference_binary_conv_packed_matches_torch(packed_in, packed_out, act, 
     x = _pack(signs.transpose(0, 2, 3, 1) < 0) if packed_in else signs
     got = ref.binary_conv(x, _pack(w.reshape(o, -1) < 0), scale, bias, in_channels=c, kernel_shape=[kh, kw],
                           strides=strides, pads=pads, input_packed=packed_in, output_packed=packed_out,
-                          **ACTIVATIONS[act])
-    padded = F.pad(torch.from_numpy(signs), (pads[1], pads[3], pads[0], pads[2]))  # zeros: contribute 0
+                          pad_value=pad_value, **ACTIVATIONS[act])
+    # zeros contribute 0, ones (pad_value = 1) read +1
+    padded = F.pad(torch.from_numpy(signs), (pads[1], pads[3], pads[0], pads[2]), value=float(pad_value))
     s = F.conv2d(padded, torch.from_numpy(np.sign(w)), stride=strides)
     want = _torch_out(s, scale, bias, ACTIVATIONS[act], packed_out, 1)
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -159,11 +161,11 @@ def test_spec_check_packed_conv_layout():
 # --- ONNX Runtime ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("packed_in,packed_out", [(0, 1), (1, 0), (1, 1)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_ort_runs_the_packed_variants_like_the_reference(packed_in, packed_out, bias):
+@pytest.mark.parametrize("bias,pad_value", [(True, 0), (False, 0), (True, 1)])
+def test_ort_runs_the_packed_variants_like_the_reference(packed_in, packed_out, bias, pad_value):
     c, o = 11, 10
     consts = {**_conv_consts(c, o, 3, 2), **({"B": RNG.standard_normal(o).astype(np.float32)} if bias else {})}
-    attrs = dict(in_channels=c, kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 2, 1],
+    attrs = dict(in_channels=c, kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 2, 1], pad_value=pad_value,
                  input_packed=packed_in, output_packed=packed_out, **ACTIVATIONS["clip"])
     x = (_pack(RNG.random((3, 7, 6, c)) < 0.5) if packed_in
          else RNG.standard_normal((3, c, 7, 6)).astype(np.float32))
@@ -245,3 +247,25 @@ def test_optimize_graph_packs_an_exported_binary_net_only_when_asked(tmp_path, b
     assert optimize_graph(packed, pack_bits=True).packed == 2
     onnx.checker.check_model(packed, full_check=True)
     np.testing.assert_array_equal(run(packed, [x.numpy()])[0], run(plain, [x.numpy()])[0])
+
+
+def test_export_packs_between_binary_layers_and_portable_export_still_works(tmp_path, binary_net):
+    """frugalrt.export detects the pattern (rewrites 2, 3 and 5 of docs/ops.md): conv -> conv and
+    linear -> linear pass packed sign bits, bit-identical in ONNX Runtime to the float file; the
+    portable export (standard ops) keeps float activations and still matches PyTorch."""
+    net = binary_net(3, 12, 9, 3 * 3, 21, seed=1)
+    x = torch.randn(4, 3, 8, 8)
+    packed = frugalrt.export(net, (x,), tmp_path / "packed.onnx")
+    plain = frugalrt.export(net, (x,), tmp_path / "float.onnx", pack_activations=False)
+    flags = [(n.op_type, {a.name: a.i for a in n.attribute if a.name.endswith("_packed")})
+             for n in packed.graph.node if n.domain == ref.DOMAIN]
+    assert flags == [("BinaryConv", {"output_packed": 1}), ("BinaryConv", {"input_packed": 1}),
+                     ("BinaryGemm", {"output_packed": 1}), ("BinaryGemm", {"input_packed": 1})]
+    assert not any(a.name.endswith("_packed") for n in plain.graph.node for a in n.attribute)
+    np.testing.assert_array_equal(run(tmp_path / "packed.onnx", [x.numpy()])[0],
+                                  run(tmp_path / "float.onnx", [x.numpy()])[0])
+    portable = frugalrt.export(net, (x,), tmp_path / "portable.onnx", portable=True)
+    assert {n.domain for n in portable.graph.node} <= {"", "ai.onnx"}
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(run(tmp_path / "portable.onnx", [x.numpy()])[0], want, rtol=1e-5, atol=1e-5)

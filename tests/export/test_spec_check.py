@@ -52,6 +52,8 @@ GOOD = [
      {"X": [2, 3, 6, 7], "W_packed": _w(4, 18), "scale": _f32(4), "B": _f32(4)}),
     ("BinaryConv", {"in_channels": 3, "kernel_shape": [3, 3]}, {"X": ["b", 3, None, None], "W_packed": _w(4, 27),
                                                                 "scale": _f32(4)}),
+    ("BinaryConv", {"in_channels": 3, "kernel_shape": [3, 3], "pads": [1, 0, 2, 1], "pad_value": 1},
+     {"X": [2, 3, 6, 6], "W_packed": _w(4, 27), "scale": _f32(4)}),
 ]
 
 
@@ -118,6 +120,9 @@ BAD = [
      "attribute pads is [0, -1, 0, 0], expected 4 integers >= 0 [top, left, bottom, right]"),
     ("conv scale length", "BinaryConv", CONV, {**CONV_IN, "scale": _f32(5)},
      "input scale has 5 values, expected 4 (one per output row of W_packed)"),
+    ("conv pad_value 2", "BinaryConv", {**CONV, "pad_value": 2}, CONV_IN, "attribute pad_value is 2, expected 0 or 1"),
+    ("conv pad_value -1", "BinaryConv", {**CONV, "pad_value": -1}, CONV_IN,
+     "attribute pad_value is -1, expected 0 or 1"),
 ]
 
 
@@ -180,6 +185,19 @@ def test_model_check_refuses_nan_initializers_anywhere_and_names_them():
     _replace(model, "shift", np.array([0, np.nan, 0, 0], F32))
     with pytest.raises(ArtifactError, match=r"^initializer 'shift' has 1 NaN value \(first at index \[1\]\)"):
         check_model(model)
+
+
+def test_bad_pad_value_is_refused_by_the_model_check_onnx_runtime_and_shape_inference():
+    model = single_op_model("BinaryConv", [3, 6, 6], {"W_packed": _w(4, 27), "scale": _f32(4)},
+                            {"in_channels": 3, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "pad_value": 1})
+    next(a for a in model.graph.node[0].attribute if a.name == "pad_value").i = 2
+    message = r"^node #0 \(BinaryConv\): attribute pad_value is 2, expected 0 or 1$"
+    with pytest.raises(ArtifactError, match=message):
+        check_model(model)
+    with pytest.raises(ArtifactError, match=message):
+        make_session(model)
+    with pytest.raises(onnx.shape_inference.InferenceError, match="attribute pad_value is 2, expected 0 or 1"):
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
 
 
 def test_model_check_missing_input_and_unknown_op():

@@ -101,10 +101,12 @@ def test_binary_linear_gradients_are_the_documented_ste():
     np.testing.assert_allclose(layer.bias.grad.numpy(), G.sum(0), rtol=1e-12, atol=1e-12)
 
 
-def test_binary_conv_gradients_are_the_documented_ste():
+@pytest.mark.parametrize("pad_value", [0, 1])
+def test_binary_conv_gradients_are_the_documented_ste(pad_value):
     """Oracle: autograd of a plain conv2d on u -> sign(u) + (m u - (m u).detach()), m = 1{|u| <= 1}:
-    forward sign(u), gradient 1{|u| <= 1}, as SignSTE documents (no custom autograd.Function)."""
-    layer = BinaryConv2d(2, 3, 3, stride=(2, 1), padding=1).double()
+    forward sign(u), gradient 1{|u| <= 1}, as SignSTE documents (no custom autograd.Function);
+    padded with pad_value after the sign (a constant border: no gradient)."""
+    layer = BinaryConv2d(2, 3, 3, stride=(2, 1), padding=1, pad_value=pad_value).double()
     with torch.no_grad():
         layer.weight.mul_(6.0)  # fan-in 18: the init bound is 0.24, so some |W| > 1 now
     x = (2 * torch.randn(2, 2, 5, 6, dtype=torch.float64)).requires_grad_()
@@ -118,10 +120,44 @@ def test_binary_conv_gradients_are_the_documented_ste():
         return torch.where(u >= 0, 1.0, -1.0).to(u.dtype) + mu - mu.detach()
 
     x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, layer.weight, layer.bias))
-    y = F.conv2d(ste(x2), ste(w2), stride=(2, 1), padding=1) * w2.abs().mean((1, 2, 3)).reshape(1, -1, 1, 1)
+    y = F.conv2d(F.pad(ste(x2), (1, 1, 1, 1), value=float(pad_value)), ste(w2), stride=(2, 1))
+    y = y * w2.abs().mean((1, 2, 3)).reshape(1, -1, 1, 1)
     (y + b2.reshape(1, -1, 1, 1)).backward(g)
     for a, b in zip(got, (x2.grad, w2.grad, b2.grad)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,pad,bias", CONVS + [(65, 3, (2, 3), (2, 1), (1, 2), True)])
+def test_binary_conv_one_padding_equals_conv2d_on_signs_padded_with_ones(c_in, c_out, k, stride, pad, bias):
+    """pad_value=1: training forward = torch oracle (sign(x) padded with +1) = frozen custom op, exactly;
+    STE gradients reach x and W, finite and non-zero; pad_value=0 is the zero-padded layer."""
+    torch.manual_seed(c_in + c_out)
+    layer = BinaryConv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias, pad_value=1)
+    x = torch.randn(2, c_in, 7, 9, requires_grad=True)
+    (ph, pw), signs = layer.padding, lambda t: torch.where(t >= 0, 1.0, -1.0)  # noqa: E731
+    want = F.conv2d(F.pad(signs(x.detach()), (pw, pw, ph, ph), value=1.0), signs(layer.weight.detach()), stride=stride)
+    want = want * layer.weight.detach().abs().mean(dim=(1, 2, 3)).reshape(1, -1, 1, 1)
+    want = want + layer.bias.detach().reshape(1, -1, 1, 1) if bias else want
+    y = layer(x)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.square().sum().backward()
+    for g in (x.grad, layer.weight.grad):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+    zero = BinaryConv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias, pad_value=0)
+    zero.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        s = F.conv2d(signs(x), signs(layer.weight), stride=stride, padding=pad)  # zero padding
+        s = s * layer.weight.abs().mean(dim=(1, 2, 3)).reshape(1, -1, 1, 1)
+        torch.testing.assert_close(zero(x), s + layer.bias.reshape(1, -1, 1, 1) if bias else s, rtol=0, atol=0)
+        assert torch.equal(zero(x), y) == (layer.padding == (0, 0))
+        freeze(layer)
+        assert "pad_value=1" in repr(layer)
+        torch.testing.assert_close(layer(x), want, rtol=0, atol=0)  # the frugalrt::binary_conv op
+
+
+def test_binary_conv_refuses_other_pad_values():
+    with pytest.raises(ValueError, match="BinaryConv2d: pad_value must be 0 or 1, got 2"):
+        BinaryConv2d(3, 4, 3, padding=1, pad_value=2)
 
 
 @pytest.mark.parametrize("k", [1, 7, 8, 13, 64, 100])

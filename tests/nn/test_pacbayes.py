@@ -413,9 +413,12 @@ def test_digits_example_states_its_certificates(monkeypatch, kl_inverse):
 
 # --- GaussianBinaryConv2d and the convolutional network ---------------------------------------------
 
-def _conv_reference(a, signs, bias, stride, padding):
+def _conv_reference(a, signs, bias, stride, padding, pad_value=0):
     """z[m] = sum over in-image taps of s[m] a[m] + b[m], one network per row m: the im2col sum (F.unfold
-    zero-pads, so a padded tap multiplies 0), not a convolution."""
+    zero-pads, so a padded tap multiplies 0; pad_value=1: a padded with +1 first), not a convolution."""
+    if pad_value:
+        a = torch.nn.functional.pad(a, (padding[1], padding[1], padding[0], padding[0]), value=1.0)
+        padding = (0, 0)
     cols = torch.nn.functional.unfold(a, signs.shape[-2:], padding=padding, stride=stride)  # [M, C*kh*kw, P]
     z = torch.einsum("mok,mkp->mop", signs.flatten(2), cols) + bias[..., None]
     oh = (a.shape[2] + 2 * padding[0] - signs.shape[-2]) // stride[0] + 1
@@ -454,30 +457,36 @@ def test_binary_conv_kl_matches_brute_force_over_signs_and_torch_distributions()
         assert layer.log_ratio(drawn) == pytest.approx(exact_log_ratio(layer, drawn), rel=1e-6)  # float32 mu / sigma
 
 
-def test_binary_conv_moments_match_monte_carlo_with_padding_and_stride():
+@pytest.mark.parametrize("pad_value", [0, 1])
+def test_binary_conv_moments_match_monte_carlo_with_padding_and_stride(pad_value):
     """Closed form given independent +-1 inputs of mean a_mean against 40,000 explicit networks (latent
-    Gaussians) on explicit random inputs, im2col sums: per output unit (corners see fewer in-image taps)."""
+    Gaussians) on explicit random inputs, im2col sums: per output unit (corners see fewer in-image taps,
+    unless pad_value=1 makes the padded ones +1 inputs)."""
     g = torch.Generator().manual_seed(0)
-    layer = _perturb(GaussianBinaryConv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 1), sigma=0.8), scale=0.8)
+    layer = _perturb(GaussianBinaryConv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 1), sigma=0.8,
+                                          pad_value=pad_value), scale=0.8)
     a_mean = (2 * torch.rand(1, 2, 5, 4, generator=g, dtype=torch.float64) - 1) * 0.9
     m = 40_000
     a = torch.where(torch.rand((m, 2, 5, 4), generator=g, dtype=torch.float64) < (1 + a_mean) / 2, 1.0, -1.0).double()
     s, b = _latent_sign_draws(layer, m, g)
-    z = _conv_reference(a, s, b, (2, 1), (1, 1))
+    z = _conv_reference(a, s, b, (2, 1), (1, 1), pad_value)
     with torch.no_grad():
         mean, var = layer.moments(a_mean)
     assert mean.shape == var.shape == (1, 3, 3, 5) == (1, *layer.output_shape(5, 4))
     assert (mean[0] - z.mean(0)).abs().max() < 4.5 * math.sqrt(var.max() / m)
     assert torch.allclose(z.var(0), var[0], rtol=0.04)
-    assert var[0, :, 0, 0].max() < var[0, :, 1, 1].min()  # a corner has 2 of 6 taps in the image, the centre 6
+    if not pad_value:
+        assert var[0, :, 0, 0].max() < var[0, :, 1, 1].min()  # a corner has 2 of 6 taps in the image, the centre 6
 
 
-def test_binary_conv_sampler_matches_explicit_networks_shared_across_positions():
+@pytest.mark.parametrize("pad_value", [0, 1])
+def test_binary_conv_sampler_matches_explicit_networks_shared_across_positions(pad_value):
     """``sample`` (fresh network per draw and example, shared by an image's positions) against explicit
     latent-Gaussian networks: per-unit means, the covariance between positions (shared weights), and
     no covariance between two examples with the same image (distinct networks)."""
     g = torch.Generator().manual_seed(1)
-    layer = _perturb(GaussianBinaryConv2d(2, 2, 3, stride=1, padding=1, sigma=0.8), scale=0.8, seed=1)
+    layer = _perturb(GaussianBinaryConv2d(2, 2, 3, stride=1, padding=1, sigma=0.8, pad_value=pad_value), scale=0.8,
+                     seed=1)
     images = torch.where(torch.rand((3, 2, 4, 4), generator=g) < 0.5, 1.0, -1.0).double()
     images[1] = images[0]  # examples 0 and 1 share an image, example 2 has its own
     m = 20_000
@@ -485,7 +494,7 @@ def test_binary_conv_sampler_matches_explicit_networks_shared_across_positions()
     assert got.shape == (m, 3, 2, 4, 4)
     for e in (0, 2):
         s, b = _latent_sign_draws(layer, m, g)
-        want = _conv_reference(images[e].expand(m, 2, 4, 4), s, b, (1, 1), (1, 1))
+        want = _conv_reference(images[e].expand(m, 2, 4, 4), s, b, (1, 1), (1, 1), pad_value)
         sd = want.flatten(1).std(0).max().item()
         assert (got[:, e].mean(0) - want.mean(0)).abs().max() < 4.5 * sd / math.sqrt(m)
         cov_got, cov_want = (torch.cov(t[:, 0].flatten(1).T) for t in (got[:, e], want))  # 16 positions, channel 0
@@ -497,25 +506,35 @@ def test_binary_conv_sampler_matches_explicit_networks_shared_across_positions()
     assert abs(cross) < 4 / math.sqrt(m)  # same image, independent networks
 
 
-def test_binary_conv_deploys_its_draw_as_a_frozen_binary_conv2d():
+@pytest.mark.parametrize("pad_value", [0, 1])
+def test_binary_conv_deploys_its_draw_as_a_frozen_binary_conv2d(pad_value):
     """The deployed BinaryConv2d (frozen, scale 1) computes F.conv2d(sign(x), drawn signs) + drawn bias,
-    zero padding after the sign (float64 oracle; x has exact zeros: sign(0) = +1); no draw: signs of mu."""
+    padding (zeros, or ones) after the sign (float64 oracle; x has exact zeros: sign(0) = +1); no draw:
+    signs of mu."""
     from frugalrt.nn.ops import unpack_signs
 
-    layer = _perturb(GaussianBinaryConv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2)))
+    layer = _perturb(GaussianBinaryConv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 2), pad_value=pad_value))
     drawn = layer.draw(torch.Generator().manual_seed(0))
     x = torch.randn(5, 3, 7, 6)
     x[x.abs() < 0.3] = 0.0
     conv = layer.deploy(drawn)
     assert isinstance(conv, BinaryConv2d) and conv.frozen and torch.equal(conv.weight_scale_, torch.ones(4))
-    assert (conv.stride, conv.padding, conv.kernel_size) == ((2, 1), (1, 2), (3, 2))
+    assert (conv.stride, conv.padding, conv.kernel_size, conv.pad_value) == ((2, 1), (1, 2), (3, 2), pad_value)
     assert torch.equal(unpack_signs(conv.weight_packed, 18).reshape(4, 3, 3, 2).double(), drawn["weight"])
-    want = torch.nn.functional.conv2d(torch.where(x >= 0, 1.0, -1.0).double(), drawn["weight"], drawn["bias"],
-                                      stride=(2, 1), padding=(1, 2))
+    signs = torch.nn.functional.pad(torch.where(x >= 0, 1.0, -1.0).double(), (2, 2, 1, 1), value=float(pad_value))
+    want = torch.nn.functional.conv2d(signs, drawn["weight"], drawn["bias"], stride=(2, 1))
     with torch.no_grad():
         np.testing.assert_allclose(conv(x).double().numpy(), want.numpy(), atol=1e-5)
         mean_signs = torch.where(layer.weight.mu >= 0, 1.0, -1.0)
         assert torch.equal(unpack_signs(layer.deploy().weight_packed, 18).reshape(4, 3, 3, 2), mean_signs)
+
+
+def test_conv_net_passes_pad_value_to_every_convolution_and_its_deployed_layer():
+    net = BinaryActivatedConvNet((1, 8, 8), [(4, 3, 1, 1), (6, 3, 2, 1)], (), 10, pad_value=1)
+    assert [layer.pad_value for layer in net.conv] == [1, 1]
+    assert [m.pad_value for m in net.deterministic() if isinstance(m, BinaryConv2d)] == [1, 1]
+    with pytest.raises(ValueError, match="pad_value must be 0 or 1, got 2"):
+        BinaryActivatedConvNet((1, 8, 8), [(4, 3, 1, 1)], (), 10, pad_value=2)
 
 
 @pytest.fixture(scope="module")

@@ -40,11 +40,13 @@ def _binary(layer):
             _np(layer.bias)], layer
 
 
-def _asymmetric_conv():
-    """BinaryConv2d pads symmetrically: the oracle is its float twin, conv2d on signs, pads (1, 0, 2, 1)."""
+def _asymmetric_conv(pad_value=0):
+    """BinaryConv2d pads symmetrically: the oracle is its float twin, conv2d on signs padded (1, 0, 2, 1)
+    with pad_value."""
     w, scale, b = _f32(4, 3, 3, 2), _f32(4), _f32(4)
     signs = lambda t: torch.where(t >= 0, 1.0, -1.0)  # noqa: E731
-    oracle = lambda x: (F.conv2d(F.pad(signs(x), (0, 1, 1, 2)), signs(torch.from_numpy(w)), stride=(2, 1))  # noqa: E731
+    oracle = lambda x: (F.conv2d(F.pad(signs(x), (0, 1, 1, 2), value=float(pad_value)),  # noqa: E731
+                                 signs(torch.from_numpy(w)), stride=(2, 1))
                         * torch.from_numpy(scale).reshape(1, -1, 1, 1) + torch.from_numpy(b).reshape(1, -1, 1, 1))
     return [pack_bits(w.reshape(4, -1)), scale, b], oracle
 
@@ -65,6 +67,11 @@ ROWS = [
      lambda: _binary(BinaryConv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), bias=False)),
      dict(CONV, strides=[2, 1], pads=[1, 0, 1, 0]), True),
     ("conv schema defaults", "BinaryConv", _f32(2, 3, 6, 7), lambda: _binary(BinaryConv2d(3, 4, (3, 2))), CONV, True),
+    ("conv one-padding asymmetric pads", "BinaryConv", _f32(2, 3, 6, 7), lambda: _asymmetric_conv(1),
+     dict(CONV, strides=[2, 1], pads=[1, 0, 2, 1], pad_value=1), True),
+    ("conv one-padding layer, no bias", "BinaryConv", _f32(2, 65, 6, 7),
+     lambda: _binary(BinaryConv2d(65, 4, (3, 2), stride=2, padding=(1, 2), bias=False, pad_value=1)),
+     dict(in_channels=65, kernel_shape=[3, 2], strides=[2, 2], pads=[1, 2, 1, 2], pad_value=1), True),
 ]
 
 
@@ -92,7 +99,8 @@ def test_session_copy_rewrites_only_the_copy():
     assert node.op_type == "BinaryConvNoBias" and len(node.input) == 3
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == {"in_channels": 3, "kernel_shape": b"[3, 2]", "strides": b"[1, 1]", "pads": b"[0, 0, 0, 0]",
-                     "activation": b'""', "activation_min": -np.inf, "activation_max": np.inf}  # defaults filled in
+                     "pad_value": 0, "activation": b'""', "activation_min": -np.inf,
+                     "activation_max": np.inf}  # defaults filled in
 
 
 def test_export_check_reports_elementwise_errors_and_argmax():

@@ -139,6 +139,9 @@ def test_binary_conv_kernel_masks_padded_taps():
     conv = one(kernel_sources(single_op_model("BinaryConv", [c, 9, 7], consts, attrs)), "frugalrt_binary_conv_gpu")
     assert re.search(r"__popcll\(\(\(\w+\[\w+\] \^ \w+\[\w+\]\) & \w+\[\w+\]\)\)", conv)  # (x ^ w) & in-image
     assert "taps_ptr[" in conv and "__fmul_rn" in conv
+    one_padded = one(kernel_sources(single_op_model("BinaryConv", [c, 9, 7], consts, {**attrs, "pad_value": 1})),
+                     "frugalrt_binary_conv_gpu")  # padded taps read +1: a 0 bit, nothing to mask
+    assert re.search(r"__popcll\(\(\w+\[\w+\] \^ \w+\[\w+\]\)\)", one_padded) and " & " not in one_padded
 
 
 @pytest.mark.compile
@@ -244,6 +247,7 @@ GPU_CASES = {  # bit-identical to the reference
     "gemm-4099x300-clip": _gemm(4099, 300, bias=True, activation="clip", activation_min=-1.0, activation_max=2.0),
     "conv-3c-9x7-k3-s2x1-pad-asym": _conv(3, (9, 7), 20, [3, 3], [2, 1], [1, 0, 2, 1], bias=True),
     "conv-5c-4x4-k2-s2": _conv(5, (4, 4), 6, [2, 2], [2, 2], [0, 0, 0, 0], bias=False),
+    "conv-3c-9x7-k3-s2x1-pad-asym-one": _conv(3, (9, 7), 20, [3, 3], [2, 1], [1, 0, 2, 1], bias=True, pad_value=1),
     "conv-67c-11x11-k3-pad1-relu": _conv(67, (11, 11), 129, [3, 3], [1, 1], [1, 1, 1, 1], bias=True,
                                          activation="relu"),
 }

@@ -35,11 +35,12 @@ def binary_gemm(k, n, bias):
             lambda x: ref.binary_gemm(x, w, consts["scale"], consts.get("B"), in_features=k))
 
 
-def binary_conv(c, hw, o, kernel, strides, pads, bias):
+def binary_conv(c, hw, o, kernel, strides, pads, bias, pad_value=0):
     w = ref.pack_bits(RNG.standard_normal((o, c * kernel[0] * kernel[1])))
     consts = {"W_packed": w, "scale": RNG.random(o).astype(np.float32) + 0.1,
               **({"B": RNG.standard_normal(o).astype(np.float32)} if bias else {})}
-    attrs = {"in_channels": c, "kernel_shape": kernel, "strides": strides, "pads": pads}
+    attrs = {"in_channels": c, "kernel_shape": kernel, "strides": strides, "pads": pads,
+             **({"pad_value": pad_value} if pad_value else {})}
     return ("BinaryConv", [c, *hw], consts, attrs,
             lambda x: ref.binary_conv(x, w, consts["scale"], consts.get("B"), **attrs))
 
@@ -56,6 +57,8 @@ CASES = {
     "conv-2c-7x7-k3-pad1-bias": binary_conv(2, (7, 7), 3, [3, 3], [1, 1], [1, 1, 1, 1], bias=True),
     "conv-5c-4x4-k2-s2-bias": binary_conv(5, (4, 4), 6, [2, 2], [2, 2], [0, 0, 0, 0], bias=True),
     "conv-16c-5x5-k3-pad1": binary_conv(16, (5, 5), 8, [3, 3], [1, 1], [1, 1, 1, 1], bias=False),
+    "conv-3c-6x5-k3x2-s2x1-pad-asym-one": binary_conv(3, (6, 5), 4, [3, 2], [2, 1], [1, 0, 1, 1], False, pad_value=1),
+    "conv-65c-7x9-k3-s2-pad-one-bias": binary_conv(65, (7, 9), 13, [3, 3], [2, 2], [1, 1, 2, 1], True, pad_value=1),
 }
 
 

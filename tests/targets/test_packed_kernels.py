@@ -36,11 +36,11 @@ def test_sign_thresholds_equal_the_float_result_for_every_sum(activation):
     np.testing.assert_array_equal(sense * s < t, y < 0)
 
 
-def test_only_targets_running_the_generic_kernels_pack():
+def test_every_cpu_target_packs_cuda_does_not():
     packing = {name: packs_activations(tvm_target(name))
-               for name in ("cortex-m4", "rpi-zero", "x86-64-v1", "x86-64-v3", "rpi4", "armv7")}
-    assert packing == {"cortex-m4": True, "rpi-zero": True, "x86-64-v1": False, "x86-64-v3": False,
-                       "rpi4": False, "armv7": False}
+               for name in ("cortex-m4", "rpi-zero", "x86-64-v1", "x86-64-v3", "rpi4", "armv7", "cuda")}
+    assert packing == {"cortex-m4": True, "rpi-zero": True, "x86-64-v1": True, "x86-64-v3": True,
+                       "rpi4": True, "armv7": True, "cuda": False}
 
 
 def _consts(rows: int, k: int) -> dict:
@@ -56,21 +56,26 @@ CHAINS = {  # name -> (model, X shape without batch); K, C, N: no multiples of 8
                                          ({"in_features": 13, "activation": "relu"}, _consts(9, 13))]), (77,)),
     "conv": (chain_model("BinaryConv", [3, 9, 8], [
         (dict(in_channels=3, kernel_shape=[3, 3], pads=[1, 1, 1, 1], **CLIP), _consts(11, 27)),
-        (dict(in_channels=11, kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 2, 1]), _consts(37, 66)),
+        (dict(in_channels=11, kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 2, 1], pad_value=1), _consts(37, 66)),
         (dict(in_channels=37, kernel_shape=[2, 2], activation="relu"), _consts(5, 148))]), (3, 9, 8)),
 }
 
 
 @pytest.mark.compile
 def test_importer_packs_only_where_the_gate_allows():
-    """The same graph: packed kernels for the C bundle, the fast unpacked kernels on x86."""
+    """The same graph, float or already packed (as ``frugalrt.export`` writes it): packed kernels for the
+    C bundle, float activations between CUDA's kernels."""
     from frugalrt.targets.importer import import_onnx
 
     model, _ = CHAINS["gemm"]
-    kernels = {name: [gv.name_hint for gv in import_onnx(model, tvm_target(name)).functions if "binary" in gv.name_hint]
-               for name in ("cortex-m4", "x86-64-v3")}
-    assert sum("packed" in k for k in kernels["cortex-m4"]) == 3
-    assert kernels["x86-64-v3"] and not any("packed" in k for k in kernels["x86-64-v3"])
+    packed = onnx.ModelProto()
+    packed.CopyFrom(model)
+    assert pack_between_binary(packed) == 2
+    for graph in (model, packed):
+        kernels = {name: [gv.name_hint for gv in import_onnx(graph, tvm_target(name)).functions
+                          if "binary" in gv.name_hint] for name in ("cortex-m4", "cuda")}
+        assert sum("packed" in k for k in kernels["cortex-m4"]) == 3
+        assert kernels["cuda"] and not any("packed" in k for k in kernels["cuda"])
 
 
 @pytest.mark.compile
@@ -113,3 +118,15 @@ def test_c_bundle_with_packed_activations_is_bit_identical_to_the_reference(tmp_
     folded.CopyFrom(model)
     optimize_graph(folded)  # unpacked: the reference as it runs without the new attributes
     np.testing.assert_array_equal(got, run(folded, [x.numpy()])[0])
+
+
+@pytest.mark.compile
+def test_c_bundle_conv_chain_with_one_padding_equals_the_reference(tmp_path, run_bundle_natively):
+    """The conv chain (its middle layer one-padded, ``pad_value = 1``) as a Cortex-M bundle, packed
+    between layers, built natively: equal to the reference on the unpacked graph."""
+    model, x_dims = CHAINS["conv"]
+    onnx.save(model, tmp_path / "chain.onnx")
+    bundle = frugalrt.compile(tmp_path / "chain.onnx", "cortex-m4", tmp_path / "m4").lib_path
+    x = RNG.standard_normal((3, *x_dims)).astype(np.float32)
+    x.flat[::7] = 0.0
+    np.testing.assert_array_equal(run_bundle_natively(bundle, x), run(model, [x])[0].reshape(3, -1))

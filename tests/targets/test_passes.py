@@ -79,7 +79,7 @@ def digits_bn(digits_module, tmp_path_factory):
     model = _randomize_bn(digits_module.make_model())
     x = digits_module.load_data()[2][:7]
     path = tmp_path_factory.mktemp("digits-bn") / "d.onnx"
-    return model, x, _export(model, x, path, fold_bn=False)  # the compiler folds it
+    return model, x, _export(model, x, path, fold_bn=False, pack_activations=False)  # the compiler does it all
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,9 @@ def test_planned_main_allocates_only_constant_sized_storage(digits_bn):
 
     relax.analysis.post_order_visit(lowered["main"].body, visit)
     assert len(sizes) <= 3 and sizes.count(None) == 1, sizes  # the output's storage follows the batch
-    assert all(s == [passes.DEFAULT_BATCH_BOUND * 256 * 4] for s in sizes if s is not None)
+    # the butterfly's float32 output [batch, 256], then the first binary layer's packed sign bits [batch, 32]
+    assert [s for s in sizes if s is not None] == [[passes.DEFAULT_BATCH_BOUND * 256 * 4],
+                                                   [passes.DEFAULT_BATCH_BOUND * 32]], sizes
 
 
 @pytest.mark.parametrize("batch", [1, 7, 40])
@@ -182,7 +184,7 @@ def test_cnn_with_batchnorm_compiles_without_it_and_matches(name, make, shape, t
 
     torch.manual_seed(len(name))
     model, x = _randomize_bn(make()), torch.randn(6, *shape)
-    onnx_model = _export(model, x, tmp_path / "m.onnx", fold_bn=False)
+    onnx_model = _export(model, x, tmp_path / "m.onnx", fold_bn=False, pack_activations=False)
     target = tvm_target("host")
     assert _ops_in(passes.optimize(import_onnx(onnx_model, target), target))["relax.nn.batch_norm"] == 0
     artifact = frugalrt.compile(tmp_path / "m.onnx", "host", tmp_path / "host")
@@ -214,8 +216,9 @@ def test_activation_after_frugal_ops(name, act, dropped, tmp_path):
     mod = passes.optimize(import_onnx(onnx_model, target), target)
     kernels = _call_tirs(mod["main"])  # activations before binary ops dropped or fused, the others fused
     assert len(kernels) == 3 and all(k.startswith("frugalrt_") for k in kernels), kernels
-    fused = [k.rsplit("_", 1)[1] for k in kernels if k.endswith(("_relu", "_clip"))]
-    assert fused == (["clip"] if dropped else ["relu" if name == "relu" else "clip"] * 3), kernels
+    assert "packed" in kernels[1], kernels  # packed sign bits between the binary layers: an activation there
+    fused = [k.rsplit("_", 1)[1] for k in kernels if k.endswith(("_relu", "_clip"))]  # is in the thresholds
+    assert fused == (["clip"] if dropped else ["relu" if name == "relu" else "clip"] * 2), kernels
     artifact = frugalrt.compile(tmp_path / "m.onnx", "host", tmp_path / "host")
     with torch.no_grad():
         want = model(x).numpy()
@@ -269,7 +272,7 @@ def test_c_bundle_is_bit_identical_to_the_reference_on_the_folded_graph(tmp_path
     model = _randomize_bn(nn.Sequential(ButterflyLinear(16, 32), nn.BatchNorm1d(32), nn.Hardtanh(),
                                         BinaryLinear(32, 24), nn.BatchNorm1d(24), nn.ReLU()))
     x = torch.randn(5, 16)
-    onnx_model = _export(model, x, tmp_path / "m.onnx", fold_bn=False)
+    onnx_model = _export(model, x, tmp_path / "m.onnx", fold_bn=False, pack_activations=False)
     artifact = frugalrt.compile(tmp_path / "m.onnx", "cortex-m4", tmp_path / "m4")
     bundle = artifact.lib_path
     assert json.loads((bundle / "plan.json").read_text())["num_steps"] == 2

@@ -96,18 +96,19 @@ def _arg(i: int, a: np.ndarray, base: int, offset: int) -> tuple[str, str]:
 
 
 def run_arm_kernels(calls: list, tmp) -> list[np.ndarray]:
-    """``calls``: (TIR prim_func, input arrays, output shape) -> each call's float32 output, run under
-    ``qemu-arm -cpu cortex-a7`` from one static armv7 program."""
+    """``calls``: (TIR prim_func, input arrays, output shape[, output dtype: float32]) -> each call's
+    output, run under ``qemu-arm -cpu cortex-a7`` from one static armv7 program."""
     import tvm
 
     from frugalrt.targets.cbundle.boards import PLATFORMS
     from frugalrt.targets.cbundle.project import FILES, copy_headers
     from frugalrt.targets.registry import tvm_target
 
-    mod = tvm.IRModule({f"k{n}": f.with_attr("global_symbol", f"k{n}") for n, (f, _, _) in enumerate(calls)})
+    calls = [(*call, np.float32) if len(call) == 3 else call for call in calls]
+    mod = tvm.IRModule({f"k{n}": f.with_attr("global_symbol", f"k{n}") for n, (f, *_) in enumerate(calls)})
     tvm.compile(mod, target=tvm_target("armv7")).mod.write_to_file(str(tmp / "kernels.o"))
     blob, outs, decls, lines, i, out_bytes = bytearray(), [], [], [], 0, 0
-    for n, (_, inputs, out_shape) in enumerate(calls):
+    for n, (_, inputs, out_shape, out_dtype) in enumerate(calls):
         args = []
         for a in (np.ascontiguousarray(a) for a in inputs):
             blob += bytes(-len(blob) % 64)
@@ -116,9 +117,10 @@ def run_arm_kernels(calls: list, tmp) -> list[np.ndarray]:
             decls.append(decl)
             args.append(init)
             i += 1
-        outs.append((out_bytes, out_shape))
-        decl, init = _arg(i, np.zeros(out_shape, np.float32), 1, out_bytes)
-        out_bytes += -(-int(np.prod(out_shape)) * 4 // 64) * 64  # LLVM kernels assume 64-byte aligned tensors
+        out = np.zeros(out_shape, out_dtype)
+        outs.append((out_bytes, out))
+        decl, init = _arg(i, out, 1, out_bytes)
+        out_bytes += -(-out.nbytes // 64) * 64  # LLVM kernels assume 64-byte aligned tensors
         decls += [decl, f"int32_t __tvm_ffi_k{n}(void *, void *, int32_t, void *);"]
         i += 1
         lines.append(f"  {{ static const frugalrt_arg a[] = {{{', '.join(args + [init])}}};\n"
@@ -135,27 +137,54 @@ def run_arm_kernels(calls: list, tmp) -> list[np.ndarray]:
     run = subprocess.run([*platform.qemu, str(tmp / "prog"), str(tmp / "in.bin"), str(tmp / "out.bin")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    data = np.fromfile(tmp / "out.bin", np.float32)
-    return [data[offset // 4: offset // 4 + int(np.prod(shape))].reshape(shape) for offset, shape in outs]
+    data = (tmp / "out.bin").read_bytes()
+    return [np.frombuffer(data, out.dtype, out.size, offset).reshape(out.shape) for offset, out in outs]
 
 
 @pytest.mark.emulated
 def test_armv7_neon_binary_kernels_are_exact_under_qemu_arm(tmp_path):
-    from test_neon_kernels import CONV_CASES, conv_inputs, conv_model
-
-    from frugalrt.runtime import reference as ref
-    from frugalrt.targets.kernels import arm_binary, arm_binary_conv
+    """Each case of the rpi4 tests (``test_neon_kernels``: float and packed activations, pad_value 1),
+    plus two float GEMMs, from one armv7 program."""
+    from test_neon_kernels import off_the_test_stack
 
     missing = [t for t in NEEDS["armv7"] if not _installed(t)]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
-    _, params = conv_model()
+    calls, want = off_the_test_stack(_neon_calls)
+    for y, expected in zip(run_arm_kernels(calls, tmp_path), want, strict=True):
+        assert y.dtype == expected.dtype
+        np.testing.assert_array_equal(y, expected)
+
+
+def _neon_calls() -> tuple[list, list]:
+    """(calls for :func:`run_arm_kernels`, expected outputs) of the armv7 NEON kernels on the test cases."""
+    from test_neon_kernels import (CONV_CASES, PACKED_CONV_CASES, PACKED_GEMM_CASES, conv_inputs, conv_model,
+                                   conv_reference)
+
+    from frugalrt.runtime import reference as ref
+    from frugalrt.targets.kernels import arm_binary, arm_binary_conv
+    from frugalrt.targets.kernels.activation import with_activation
+    from frugalrt.targets.kernels.packing import Packing
+
     calls, want = [], []
-    for x, (c, h, w, o, kernel, strides, pads), (consts, attrs) in zip(conv_inputs(2), CONV_CASES, params):
-        func, inputs = arm_binary_conv.kernel_inputs(consts["W_packed"], consts["scale"], consts["B"], c, h, w,
-                                                     kernel, strides, pads, "arm")
-        want.append(ref.binary_conv(x, consts["W_packed"], consts["scale"], consts["B"], **attrs))
-        calls.append((func, [x, *inputs], want[-1].shape))
+    for cases, gemms, batch, seeds in ((CONV_CASES, (), 2, (0, 1)), (PACKED_CONV_CASES, PACKED_GEMM_CASES, 3, (3, 4))):
+        _, params = conv_model(cases, seeds[0], gemms)
+        xs = conv_inputs(batch, cases, seeds[1], gemms)
+        for x, (consts, attrs), y in zip(xs, params, conv_reference(xs, params), strict=True):
+            w, scale, bias, packing = consts["W_packed"], consts["scale"], consts["B"], Packing.of(attrs)
+            if "in_channels" in attrs:
+                c = attrs["in_channels"]
+                h, wd = x.shape[1:3] if packing.input else x.shape[2:]
+                func, inputs = arm_binary_conv.kernel_inputs(w, scale, bias, c, h, wd, attrs["kernel_shape"],
+                                                             attrs["strides"], attrs["pads"], "arm",
+                                                             attrs.get("pad_value", 0), packing)
+            else:
+                func, inputs = arm_binary.kernel_inputs(w, scale, bias, attrs["in_features"], "arm", packing)
+            if attrs.get("activation") and not packing.output:  # in the bit thresholds, else on each store
+                func = with_activation(func, attrs["activation"], attrs.get("activation_min", float("-inf")),
+                                       attrs.get("activation_max", float("inf")))
+            calls.append((func, [x, *inputs], y.shape, y.dtype))
+            want.append(y)
     rng = np.random.default_rng(2)
     for batch, k, n in [(5, 100, 40), (3, 1030, 70)]:
         w, x = ref.pack_bits(rng.standard_normal((n, k))), rng.standard_normal((batch, k)).astype(np.float32)
@@ -164,5 +193,4 @@ def test_armv7_neon_binary_kernels_are_exact_under_qemu_arm(tmp_path):
         func, consts = arm_binary.kernel_inputs(w, scale, bias, k, "arm")
         calls.append((func, [x, *consts], (batch, n)))
         want.append(ref.binary_gemm(x, w, scale, bias, in_features=k))
-    for y, expected in zip(run_arm_kernels(calls, tmp_path), want):
-        np.testing.assert_array_equal(y, expected)
+    return calls, want

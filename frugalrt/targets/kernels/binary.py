@@ -7,83 +7,30 @@ repacked at compile time into W-bit words (``word_bits``: u64 on 64-bit targets,
 pad bits are 0 on both sides of the XOR, and the true K (or the number of in-image taps V, for a
 padded convolution) enters the sum: S = K - 2 * popcount(x ^ w).
 
-Packed activations (attributes ``input_packed``, ``output_packed``; docs/ops.md) are served by the
-generic kernels only: a packed X is read as bytes assembled into words (no binarization), and a
-packed Y is the sign bits of the float result, computed exactly as an integer compare of S with
-per-channel thresholds derived at compile time (:func:`sign_thresholds`). The importer packs
-between binary layers only for target families whose binary kernels are the generic ones anyway
-(:data:`PACKED_IO_FAMILIES`), so no fast kernel is lost.
+Packed activations (attributes ``input_packed``, ``output_packed``; docs/ops.md): a packed X is
+read as bytes assembled into words (no binarization), and a packed Y is the sign bits of the float
+result, computed exactly as an integer compare of S with per-channel thresholds derived at compile
+time (:func:`frugalrt.targets.kernels.packing.sign_thresholds`). The fast kernels of each family
+serve them too; where one can't, it hands the node to the generic kernel here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from tvm import relax, te, tirx
 
 from frugalrt.errors import UnsupportedOpError
-from frugalrt.runtime.reference import activate
 from frugalrt.targets.kernels import (conv_output_shape, pack_words, pick_kernel, register_lowering, taps_inside,
                                       word_bits)
 from frugalrt.targets.kernels import arm_binary, arm_binary_conv
 from frugalrt.targets.kernels.cpu_binary import emit_binary_gemm_x86
 from frugalrt.targets.kernels.cpu_binary_conv import emit_binary_conv_x86
 from frugalrt.targets.kernels.gpu_binary import emit_binary_conv_gpu, emit_binary_gemm_gpu
+from frugalrt.targets.kernels.packing import UNPACKED, Packing, sign_thresholds
 from frugalrt.targets.kernels.schedules import emit_kernel
-from frugalrt.targets.kernels import has_cpu_features, target_family
+from frugalrt.targets.kernels import target_family
 from frugalrt.targets.tvm_bridge import check_spec
-
-
-@dataclass(frozen=True)
-class Packing:
-    """A binary node's packed activations (docs/ops.md): X as packed sign bytes (``input``), Y as
-    the packed sign bits (``output``) of the float result after the fused ``activation``."""
-    input: bool = False
-    output: bool = False
-    activation: dict = field(default_factory=dict)  # the node's activation attributes (folded into Y's bits)
-
-    @classmethod
-    def of(cls, attrs: dict[str, Any]) -> "Packing":
-        act = {k: attrs[k] for k in ("activation", "activation_min", "activation_max") if k in attrs}
-        act = {k: v.decode() if isinstance(v, bytes) else v for k, v in act.items()}
-        return cls(bool(attrs.get("input_packed", 0)), bool(attrs.get("output_packed", 0)), act)
-
-    @property
-    def any(self) -> bool:
-        return self.input or self.output
-
-
-UNPACKED = Packing()
-
-
-def sign_thresholds(scale: np.ndarray, bias: np.ndarray | None, k: int,
-                    activation: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel ``(sense, t)`` (int32) such that, for every integer S in [-k, k],
-    ``sense * S < t`` exactly when the float32 result ``act(fl(fl(S * scale) + B))`` is < 0.
-
-    That result is monotone in S (rounding, a positive or negative factor, the addition and the
-    activations all are), nondecreasing in ``sense * S`` with ``sense = -1`` for a negative scale
-    (the direction flip) and +1 otherwise (a zero scale gives a constant), so the negative S form
-    a prefix in ``sense * S``; a vectorized binary search finds its end t in [-k, k + 1] by
-    evaluating the very float32 expression of the spec.
-    """
-    scale = np.asarray(scale, np.float32)
-    sense = np.where(scale < 0, -1, 1).astype(np.int32)
-
-    def negative(s: np.ndarray) -> np.ndarray:  # s: sense * S per channel
-        with np.errstate(over="ignore"):  # +-inf is the float32 result there, and its sign is right
-            y = (sense * s).astype(np.float32) * scale
-            y = y + np.asarray(bias, np.float32) if bias is not None else y
-        return activate(y.astype(np.float32), **activation) < 0
-
-    lo, hi = np.full(scale.shape, -k, np.int64), np.full(scale.shape, k + 1, np.int64)
-    while np.any(lo < hi):  # invariant: negative below lo, not negative from hi on (up to k)
-        mid = (lo + hi) // 2
-        neg = negative(np.minimum(mid, k))
-        open_ = lo < hi
-        lo, hi = np.where(open_ & neg, mid + 1, lo), np.where(open_ & ~neg, mid, hi)
-    return sense, lo.astype(np.int32)
 
 
 def _output(acc: te.Tensor, taps, scale: te.Tensor, bias: te.Tensor | None, channel_axis: int) -> te.Tensor:
@@ -181,11 +128,13 @@ def emit_gemm_generic(bb, x, w_bytes: np.ndarray, scale: np.ndarray, bias: np.nd
                        target)
 
 
-def conv_taps(c: int, h: int, w: int, kh: int, kw: int, strides, pads, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per output position: the in-image tap mask as words [OH, OW, words] and the count V [OH, OW]."""
+def conv_taps(c: int, h: int, w: int, kh: int, kw: int, strides, pads, bits: int,
+              pad_value: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per output position: the mask of the taps that count as words [OH, OW, words] and their number
+    V [OH, OW]: the in-image taps, or all of them with ``pad_value = 1`` (padded taps read +1)."""
     oh, ow = conv_output_shape(h, w, (kh, kw), strides, pads)
-    rows = taps_inside(h, kh, strides[0], pads[0], oh)  # [OH, kh]
-    cols = taps_inside(w, kw, strides[1], pads[1], ow)  # [OW, kw]
+    rows = taps_inside(h, kh, strides[0], pads[0], oh) | bool(pad_value)  # [OH, kh]
+    cols = taps_inside(w, kw, strides[1], pads[1], ow) | bool(pad_value)  # [OW, kw]
     inside = rows[:, None, :, None] & cols[None, :, None, :]
     valid = np.broadcast_to(inside[:, :, None], (oh, ow, c, kh, kw)).reshape(oh * ow, c * kh * kw)
     mask = pack_words(np.packbits(valid, axis=-1, bitorder="little"), bits).reshape(oh, ow, -1)
@@ -241,9 +190,10 @@ def binary_conv_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, mask: te.Tensor
 
 def binary_conv_packed_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, taps: te.Tensor, bias: te.Tensor | None,
                           c: int, kernel_shape, strides, pads,
-                          thresholds: tuple[te.Tensor, te.Tensor] | None = None) -> te.Tensor:
+                          thresholds: tuple[te.Tensor, te.Tensor] | None = None, pad_value: int = 0) -> te.Tensor:
     """Generic binary conv of a packed X [batch, H, W, ceil(C/8)] with weights [O, kh, kw, words]
-    (each tap's C signs in words): S = V - 2 * sum over in-image taps of popcount(x ^ w)."""
+    (each tap's C signs in words): S = V - 2 * sum over the counted taps of popcount(x ^ w), a padded
+    tap's x word being 0 (+1) with ``pad_value = 1`` and the tap skipped otherwise."""
     batch, h, wd, _ = x.shape
     o, kh, kw, words = (int(d) for d in w.shape)
     sh, sw = strides
@@ -254,6 +204,9 @@ def binary_conv_packed_te(x: te.Tensor, w: te.Tensor, scale: te.Tensor, taps: te
     def count(b, f, y, z):
         row, col = y * sh + i - pt, z * sw + j - pl
         inside = tirx.all(row >= 0, row < h, col >= 0, col < wd)
+        if pad_value:
+            word = tirx.if_then_else(inside, xw[b, row, col, wi], tirx.const(0, xw.dtype))
+            return te.sum(tirx.popcount(tirx.bitwise_xor(word, w[f, i, j, wi])).astype("int32"), axis=[i, j, wi])
         ones = tirx.popcount(tirx.bitwise_xor(xw[b, row, col, wi], w[f, i, j, wi])).astype("int32")
         return te.sum(tirx.if_then_else(inside, ones, tirx.const(0, "int32")), axis=[i, j, wi])
 
@@ -270,13 +223,13 @@ def tap_major_words(w_bytes: np.ndarray, c: int, kh: int, kw: int, bits: int) ->
 
 
 def emit_conv_generic(bb, x, w_bytes, scale, bias, kernel_shape, strides, pads, target,
-                      packing: Packing = UNPACKED, in_channels: int | None = None):
+                      packing: Packing = UNPACKED, in_channels: int | None = None, pad_value: int = 0):
     """``in_channels``: C, needed for a packed X ([batch, H, W, ceil(C/8)]); else X's dims give it."""
     dims = [int(d) for d in x.ty.shape.values[1:]]
     c, h, wd = (in_channels, dims[0], dims[1]) if packing.input else dims
     bits = word_bits(target)
-    mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, bits)
-    mask = mask if any(pads) and not packing.input else None
+    mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, bits, pad_value)
+    mask = mask if any(pads) and not packing.input and not pad_value else None
     thresholds = _threshold_consts(scale, bias, c * kernel_shape[0] * kernel_shape[1], packing)
     weights = tap_major_words(w_bytes, c, *kernel_shape, bits) if packing.input else pack_words(w_bytes, bits)
     args = [x, relax.const(weights), relax.const(taps)]
@@ -289,27 +242,22 @@ def emit_conv_generic(bb, x, w_bytes, scale, bias, kernel_shape, strides, pads, 
         scale_, bias_ = (None, None) if thresholds else (rest[0], rest[1] if len(rest) > 1 else None)
         th = tuple(rest) if thresholds else None
         if packing.input:
-            return binary_conv_packed_te(x, w, scale_, taps, bias_, c, kernel_shape, strides, pads, th)
+            return binary_conv_packed_te(x, w, scale_, taps, bias_, c, kernel_shape, strides, pads, th, pad_value)
         return binary_conv_te(x, w, scale_, m, taps, bias_, kernel_shape, strides, pads, th)
 
     name = "frugalrt_binary_conv_packed" if packing.any else "frugalrt_binary_conv"
     return emit_kernel(bb, kernel, args, name, target)
 
 
-# Target families whose binary ops run the generic kernels, the ones that take packed activations:
-# family -> whether that holds for a target of it. The importer packs between binary layers only
-# there (:func:`packs_activations`), so no fast kernel is traded for packing.
-PACKED_IO_FAMILIES: dict[str, Callable[[Any], bool]] = {
-    "c": lambda target: True,  # TVM's C codegen: C bundles for Cortex-M
-    "mcu": lambda target: True,  # LLVM thumb without OS
-    "arm": lambda target: not has_cpu_features(target, "neon"),  # ARMv6: the NEON kernels fall back to generic
-}
+# Target families whose binary kernels take packed activations (docs/ops.md, rewrite 5): every CPU
+# family, fast kernels included. CUDA's kernels want float32 activations, so the importer unpacks
+# there (:func:`frugalrt.export.fold.unpack_between_binary`).
+PACKED_IO_FAMILIES = ("x86", "aarch64", "arm", "mcu", "c")
 
 
 def packs_activations(target) -> bool:
-    """Whether the binary ops compiled for ``target`` take packed activations without a slower kernel."""
-    applies = PACKED_IO_FAMILIES.get(target_family(target))
-    return applies is not None and applies(target)
+    """Whether the binary ops compiled for ``target`` pass each other packed sign bits."""
+    return target_family(target) in PACKED_IO_FAMILIES
 
 
 def _binary_consts(op: str, inputs: list, consts: dict[str, np.ndarray]):
@@ -336,14 +284,12 @@ def _packing(op: str, x, attrs: dict[str, Any]) -> Packing:
 class BinaryGemmLowering:
     """Y = scale * (K - 2 popcount(sign bits of X ^ W)) + B."""
 
-    # target family -> kernel: emit(bb, x, w_packed, scale, bias, k, target) -> relax.Expr, with the
-    # op's [N, ceil(K/8)] uint8 weights (each kernel repacks them for itself).
-    # PERF: put fast CPU kernels (kernels/cpu_*.py) here under "x86" / "aarch64" / "arm" / "cpu".
+    # target family -> kernel: emit(bb, x, w_packed, scale, bias, k, target, packing) -> relax.Expr, with
+    # the op's [N, ceil(K/8)] uint8 weights (each kernel repacks them for itself; a fast kernel hands
+    # what it does not serve, e.g. packed activations, to the generic one).
     KERNELS = {"generic": emit_gemm_generic, "x86": emit_binary_gemm_x86,
                "aarch64": arm_binary.emit_binary_gemm_aarch64, "arm": arm_binary.emit_binary_gemm_arm,
                "cuda": emit_binary_gemm_gpu}
-
-    PACKED = emit_gemm_generic  # the kernel of a node with packed activations (module docstring)
 
     def emit(self, bb, inputs: list, consts: dict[str, np.ndarray], attrs: dict[str, Any], target):
         w, scale, bias = _binary_consts("BinaryGemm", inputs, consts)
@@ -352,23 +298,19 @@ class BinaryGemmLowering:
             raise UnsupportedOpError(f"ai.frugalrt::BinaryGemm v1: W_packed {w.shape} does not fit in_features={k}")
         check_spec("BinaryGemm", inputs, consts, attrs)  # the whole of docs/ops.md: scale, B, X, pad bits, NaN
         packing = _packing("BinaryGemm", inputs[0], attrs)
-        if packing.any:
-            return BinaryGemmLowering.PACKED(bb, inputs[0], w, scale, bias, k, target, packing)
-        kernel = pick_kernel(self.KERNELS, target)
-        return kernel(bb, inputs[0], w, scale, bias, k, target)
+        return pick_kernel(self.KERNELS, target)(bb, inputs[0], w, scale, bias, k, target, packing)
 
 
 @register_lowering("BinaryConv", 1)
 class BinaryConvLowering:
-    """NCHW conv of sign(X), zero padding contributing 0: S = V - 2 popcount((x ^ w) & in-image)."""
+    """NCHW conv of sign(X), a padded tap contributing 0 (S = V - 2 popcount((x ^ w) & in-image)) or,
+    with ``pad_value = 1``, +1 (S = C kh kw - 2 popcount(x ^ w), padded x bits 0)."""
 
-    # target family -> kernel: emit(bb, x, w_packed, scale, bias, kernel_shape, strides, pads, target)
-    # -> relax.Expr, w_packed as for BinaryGemm. PERF: fast CPU kernels go here, as for BinaryGemm.
+    # target family -> kernel: emit(bb, x, w_packed, scale, bias, kernel_shape, strides, pads, target,
+    # packing, in_channels, pad_value) -> relax.Expr, w_packed and the fallback as for BinaryGemm.
     KERNELS = {"generic": emit_conv_generic, "x86": emit_binary_conv_x86,
                "aarch64": arm_binary_conv.emit_binary_conv_aarch64, "arm": arm_binary_conv.emit_binary_conv_arm,
                "cuda": emit_binary_conv_gpu}
-
-    PACKED = emit_conv_generic  # the kernel of a node with packed activations (module docstring)
 
     def emit(self, bb, inputs: list, consts: dict[str, np.ndarray], attrs: dict[str, Any], target):
         w, scale, bias = _binary_consts("BinaryConv", inputs, consts)
@@ -394,8 +336,5 @@ class BinaryConvLowering:
                 f"W_packed {w.shape} (expects [O, {(kdim + 7) // 8}]), kernel {kernel_shape}, strides {strides}, "
                 f"pads {pads} -> output {oh}x{ow}: inconsistent")
         check_spec("BinaryConv", inputs, consts, attrs)  # the whole of docs/ops.md: scale, B, pad bits, NaN
-        if packing.any:
-            return BinaryConvLowering.PACKED(bb, inputs[0], w, scale, bias, kernel_shape, strides, pads, target,
-                                             packing, c)
-        kernel = pick_kernel(self.KERNELS, target)
-        return kernel(bb, inputs[0], w, scale, bias, kernel_shape, strides, pads, target)
+        return pick_kernel(self.KERNELS, target)(bb, inputs[0], w, scale, bias, kernel_shape, strides, pads,
+                                                 target, packing, c, int(attrs.get("pad_value", 0)))

@@ -19,6 +19,11 @@ the triples: this kernel ran 894 G (848 G through the Relax VM), a hand-written 
 same design 889 G (best of 150 runs each; benchmarks/bench_binary.py prints medians).
 The same TIR with 8 lanes compiles for any x86-64 (LLVM expands the popcount), which is how the
 tests check it on machines without the feature.
+
+Packed activations (docs/ops.md): a packed X fills the u32 words straight from its bytes (the bits
+past K masked), and a packed Y replaces the output transform by one signed compare of the counts
+with per-channel thresholds into a mask register (``cpu_binary.packed_output_consts``: the weights of
+negative-scale channels are flipped), stored as 2 bytes per 16 outputs.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from tvm import relax
 from tvm.script import tirx as T
 
 from frugalrt.targets.kernels import has_cpu_features, pack_words
-from frugalrt.targets.kernels.cpu_binary import padded_scale_bias
+from frugalrt.targets.kernels.cpu_binary import gemm_output_type, packed_output_consts, padded_scale_bias
+from frugalrt.targets.kernels.packing import UNPACKED, Packing
 
 WORD = 32  # bits of K per word
 LANES = 16  # u32 words per zmm register: output columns per vector
@@ -76,12 +82,36 @@ def sign_words(k: int):
     return pack
 
 
-def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
-    """TIR ``(X[batch, K], Wv[N_pad/(lanes*VECS), words, VECS, lanes], scale[N_pad], bias[N_pad], Y[batch, N])``."""
+def read_words(k: int):
+    """Macro ``(X, xw, row)``: packed sign bytes X[row, :ceil(K/8)] into u32 words ``xw[row, :]``, the bits
+    past K masked to 0: whole words as they are, the tail word byte by byte."""
+    whole, tail = divmod(k, WORD)
+    nbytes = -(-k // 8)
+
+    @T.macro
+    def read(X, xw, row):
+        for q in range(whole):
+            xw[row, q] = T.reinterpret("uint32", X[row, T.ramp(q * 4, 1, 4)])
+        if tail > 0:
+            xw[row, whole] = T.uint32(0)
+            for e in T.unroll(nbytes - whole * 4):
+                xw[row, whole] = xw[row, whole] | (T.Cast("uint32", X[row, whole * 4 + e]) << T.uint32(8 * e))
+            xw[row, whole] = xw[row, whole] & T.uint32((1 << tail) - 1)
+
+    return read
+
+
+def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES, packing: Packing = UNPACKED):
+    """TIR ``(X[batch, K], Wv[N_pad/(lanes*VECS), words, VECS, lanes], scale[N_pad], bias[N_pad], Y[batch, N])``.
+    ``packing.input``: X is [batch, ceil(K/8)] uint8; ``packing.output``: ``thr[N_pad]`` (int32,
+    ``cpu_binary.packed_output_consts``) replaces scale and bias, and Y is [batch, ceil(N/8)] uint8."""
     words = -(-k // WORD)
     blk = lanes * VECS
     vec = T.ramp(0, 1, lanes)
-    pack = sign_words(k)
+    pack = read_words(k) if packing.input else sign_words(k)
+    x_shape, x_dtype = ((-(-k // 8),), "uint8") if packing.input else ((k,), "float32")
+    y_bytes = -(-n // 8)
+    bits = f"uint{lanes}"
     whole_blocks, rest = divmod(n, blk)  # the last block, if any, has ``rest`` columns:
     rest_vecs, rest_cols = divmod(rest, lanes)  # whole vectors, then single columns
 
@@ -92,16 +122,19 @@ def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
                 acc[r, v, vec] = acc[r, v, vec] + T.popcount(T.broadcast(xw[row0 + r, q], lanes) ^ W[nb, q, v, vec])
 
     @T.macro
-    def block(xw, W, scale, bias, Y, acc, row0, nrows, nb, nvecs, ncols):
-        """Rows row0.. of column block nb: ``nvecs`` whole output vectors, then ``ncols`` single columns."""
+    def store_bits(Y, acc, thr, row0, nrows, nb, nvecs, ncols):
+        """Packed Y: count > threshold into a mask, ``lanes // 8`` bytes per vector (a partial vector's
+        pad channels never set their bit; bytes past ceil(N/8) are not stored)."""
         for r in T.unroll(nrows):
             for v in T.unroll(nvecs + (ncols > 0)):
-                acc[r, v, vec] = T.broadcast(T.uint32(0), lanes)
-        for qq in range(words // UNROLL):  # unrolled: fewer scalar loop instructions competing for ports 0 and 5
-            for e in T.unroll(UNROLL):
-                step(xw, W, acc, row0, nrows, nb, nvecs + (ncols > 0), qq * UNROLL + e)
-        for q in range(words - words % UNROLL, words):
-            step(xw, W, acc, row0, nrows, nb, nvecs + (ncols > 0), q)
+                for e in T.unroll(lanes // 8):
+                    if (nb * blk + v * lanes) // 8 + e < y_bytes:
+                        Y[row0 + r, (nb * blk + v * lanes) // 8 + e] = T.Cast("uint8", T.reinterpret(
+                            bits, T.Cast(f"uint1x{lanes}", T.reinterpret(f"int32x{lanes}", acc[r, v, vec])
+                                         > thr[T.ramp(nb * blk + v * lanes, 1, lanes)])) >> T.Cast(bits, 8 * e))
+
+    @T.macro
+    def store_floats(Y, acc, scale, bias, row0, nrows, nb, nvecs, ncols):
         for r in T.unroll(nrows):
             for v in T.unroll(nvecs):
                 Y[row0 + r, T.ramp(nb * blk + v * lanes, 1, lanes)] = output_transform(
@@ -114,19 +147,30 @@ def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
                         bias[nb * blk + nvecs * lanes + c], 1)
 
     @T.macro
+    def block(xw, W, scale, bias, Y, acc, row0, nrows, nb, nvecs, ncols):
+        """Rows row0.. of column block nb: ``nvecs`` whole output vectors, then ``ncols`` single columns."""
+        for r in T.unroll(nrows):
+            for v in T.unroll(nvecs + (ncols > 0)):
+                acc[r, v, vec] = T.broadcast(T.uint32(0), lanes)
+        for qq in range(words // UNROLL):  # unrolled: fewer scalar loop instructions competing for ports 0 and 5
+            for e in T.unroll(UNROLL):
+                step(xw, W, acc, row0, nrows, nb, nvecs + (ncols > 0), qq * UNROLL + e)
+        for q in range(words - words % UNROLL, words):
+            step(xw, W, acc, row0, nrows, nb, nvecs + (ncols > 0), q)
+        if packing.output:
+            store_bits(Y, acc, scale, row0, nrows, nb, nvecs, ncols)
+        else:
+            store_floats(Y, acc, scale, bias, row0, nrows, nb, nvecs, ncols)
+
+    @T.macro
     def column_block(xw, W, scale, bias, Y, acc, batch, nb, nvecs, ncols):
         for tile in range(batch // ROWS):
             block(xw, W, scale, bias, Y, acc, tile * ROWS, ROWS, nb, nvecs, ncols)
         for row in range(batch - batch % ROWS, batch):
             block(xw, W, scale, bias, Y, acc, row, 1, nb, nvecs, ncols)
 
-    @T.prim_func
-    def kernel(x: T.handle, W: T.Buffer((n_pad // blk, words, VECS, lanes), "uint32"),
-               scale: T.Buffer((n_pad,), "float32"), bias: T.Buffer((n_pad,), "float32"), y: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        batch = T.int64()
-        X = T.match_buffer(x, (batch, k), "float32")
-        Y = T.match_buffer(y, (batch, n), "float32")
+    @T.macro
+    def body(X, W, scale, bias, Y, batch):
         xw = T.alloc_buffer((batch, words), "uint32")
         # register blocks: under 1 KiB and global scope, so a stack array that LLVM keeps in
         # registers ("local" scope or more bytes would go to TVMBackendAllocWorkspace, heap memory)
@@ -138,6 +182,25 @@ def vpopcnt_gemm_primfunc(k: int, n: int, n_pad: int, lanes: int = LANES):
         if rest > 0:
             column_block(xw, W, scale, bias, Y, acc, batch, whole_blocks, rest_vecs, rest_cols)
 
+    w_shape = (n_pad // blk, words, VECS, lanes)
+    if packing.output:
+        @T.prim_func
+        def kernel(x: T.handle, W: T.Buffer(w_shape, "uint32"), thr: T.Buffer((n_pad,), "int32"), y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            batch = T.int64()
+            X = T.match_buffer(x, (batch, *x_shape), x_dtype)
+            Y = T.match_buffer(y, (batch, y_bytes), "uint8")
+            body(X, W, thr, thr, Y, batch)  # (the thresholds take the float output's places)
+    else:
+        @T.prim_func
+        def kernel(x: T.handle, W: T.Buffer(w_shape, "uint32"), scale: T.Buffer((n_pad,), "float32"),
+                   bias: T.Buffer((n_pad,), "float32"), y: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            batch = T.int64()
+            X = T.match_buffer(x, (batch, *x_shape), x_dtype)
+            Y = T.match_buffer(y, (batch, n), "float32")
+            body(X, W, scale, bias, Y, batch)
+
     return kernel
 
 
@@ -145,19 +208,23 @@ def has_vpopcntdq(target) -> bool:
     return has_cpu_features(target, "avx512vpopcntdq")
 
 
-def kernel_inputs(w_bytes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, k: int, lanes: int = LANES):
+def kernel_inputs(w_bytes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, k: int, lanes: int = LANES,
+                  packing: Packing = UNPACKED):
     """``(primfunc, constant inputs after X)`` of the kernel for ``w_bytes``, the op's [N, ceil(K/8)] uint8 input."""
     n = w_bytes.shape[0]
     n_pad = -(-n // (lanes * VECS)) * lanes * VECS
-    return vpopcnt_gemm_primfunc(k, n, n_pad, lanes), [repack_words(w_bytes, n_pad, lanes),
-                                                        *padded_scale_bias(scale, bias, n_pad)]
+    if packing.output:
+        w_bytes, thr = packed_output_consts(w_bytes, scale, bias, k, packing, n_pad)
+        out = [thr]
+    else:
+        out = [*padded_scale_bias(scale, bias, n_pad)]
+    return vpopcnt_gemm_primfunc(k, n, n_pad, lanes, packing), [repack_words(w_bytes, n_pad, lanes), *out]
 
 
 def emit_binary_gemm_vpopcnt(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
-                             bias: np.ndarray | None, k: int) -> relax.Expr:
+                             bias: np.ndarray | None, k: int, packing: Packing = UNPACKED) -> relax.Expr:
     """Emit the kernel; ``w_bytes`` is the op's [N, ceil(K/8)] uint8 input."""
-    func, consts = kernel_inputs(w_bytes, scale, bias, k)
-    gv = bb.add_func(func.with_attr("op_pattern", 8).without_attr("global_symbol"), "frugalrt_binary_gemm_vpopcnt")
-    batch = x.ty.shape.values[0]
-    return bb.emit(relax.call_tir(gv, [x, *map(relax.const, consts)],
-                                  relax.TensorType((batch, w_bytes.shape[0]), "float32")))
+    func, consts = kernel_inputs(w_bytes, scale, bias, k, packing=packing)
+    name = "frugalrt_binary_gemm_vpopcnt_packed" if packing.any else "frugalrt_binary_gemm_vpopcnt"
+    gv = bb.add_func(func.with_attr("op_pattern", 8).without_attr("global_symbol"), name)
+    return bb.emit(relax.call_tir(gv, [x, *map(relax.const, consts)], gemm_output_type(x, w_bytes.shape[0], packing)))

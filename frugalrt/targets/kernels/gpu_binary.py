@@ -22,6 +22,7 @@ from tvm.script import tirx as T
 
 from frugalrt.targets.kernels import conv_output_shape, pack_words
 from frugalrt.targets.kernels.gpu_butterfly import fadd, fmul
+from frugalrt.targets.kernels.packing import UNPACKED, Packing
 
 THREADS = 16  # threads per block along each of the two output dimensions
 BK = 8  # words per K step in shared memory
@@ -170,8 +171,12 @@ def _add(bb: relax.BlockBuilder, func, name: str):
 
 
 def emit_binary_gemm_gpu(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
-                         bias: np.ndarray | None, k: int, target) -> relax.Expr:
-    """Lowering entry (``BinaryGemmLowering.KERNELS["cuda"]``)."""
+                         bias: np.ndarray | None, k: int, target, packing: Packing = UNPACKED) -> relax.Expr:
+    """Lowering entry (``BinaryGemmLowering.KERNELS["cuda"]``); packed activations: the generic kernel."""
+    if packing.any:
+        from frugalrt.targets.kernels.binary import emit_gemm_generic
+
+        return emit_gemm_generic(bb, x, w_bytes, scale, bias, k, target, packing)
     batch = x.ty.shape.values[0]
     n = w_bytes.shape[0]
     w = pack_words(w_bytes, 64)
@@ -186,9 +191,15 @@ def emit_binary_gemm_gpu(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndar
 
 
 def emit_binary_conv_gpu(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndarray, scale: np.ndarray,
-                         bias: np.ndarray | None, kernel_shape, strides, pads, target) -> relax.Expr:
-    """Lowering entry (``BinaryConvLowering.KERNELS["cuda"]``): bit im2col, then the popcount GEMM."""
-    from frugalrt.targets.kernels.binary import conv_taps
+                         bias: np.ndarray | None, kernel_shape, strides, pads, target, packing: Packing = UNPACKED,
+                         in_channels: int | None = None, pad_value: int = 0) -> relax.Expr:
+    """Lowering entry (``BinaryConvLowering.KERNELS["cuda"]``): bit im2col (a padded tap's bit is 0,
+    i.e. +1), then the popcount GEMM; packed activations: the generic kernel."""
+    from frugalrt.targets.kernels.binary import conv_taps, emit_conv_generic
+
+    if packing.any:
+        return emit_conv_generic(bb, x, w_bytes, scale, bias, kernel_shape, strides, pads, target, packing,
+                                 in_channels, pad_value)
 
     batch = x.ty.shape.values[0]
     c, h, wd = (int(d) for d in x.ty.shape.values[1:])
@@ -196,8 +207,8 @@ def emit_binary_conv_gpu(bb: relax.BlockBuilder, x: relax.Expr, w_bytes: np.ndar
     oh, ow = conv_output_shape(h, wd, kernel_shape, strides, pads)
     w = pack_words(w_bytes, 64)
     words = w.shape[1]
-    mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, 64)
-    masked = any(pads)
+    mask, taps = conv_taps(c, h, wd, *kernel_shape, strides, pads, 64, pad_value)
+    masked = any(pads) and not pad_value
     xb = bb.emit_te(pack_windows_te, x, kernel_shape, strides, pads, primfunc_name_hint="frugalrt_binary_im2col_gpu")
     gemm = popcount_gemm(words, o, None, (o, oh, ow), masked, bias is not None)
     consts = [mask.reshape(oh * ow, words), taps.reshape(-1), scale, np.zeros(o, np.float32) if bias is None else bias]
